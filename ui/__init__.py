@@ -1,0 +1,1 @@
+"""The Gradio studio: thin pages over `studio`, `pipelines` and the job queue."""
