@@ -271,6 +271,9 @@ class ModelFamily:
     sgm_layers_per_block: int = 2
     """``layers_per_block`` assumed by the SGM block numbering (2 on every SDXL model)."""
 
+    def __repr__(self) -> str:
+        return f"ModelFamily({self.name!r})"
+
     # -- components ---------------------------------------------------------------------------------------------
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
@@ -314,18 +317,28 @@ class ModelFamily:
     def kohya_text_key(self, encoder_index: int, module_path: str) -> str:
         """kohya module key of a text-encoder module; ``encoder_index`` counts from 0 in `text_encoder_attrs` order.
 
+        Module paths are named from the CLIP ``text_model`` root as kohya and A1111 write them, whether or not the
+        installed transformers nests a ``text_model`` inside ``CLIPTextModel`` (transformers 5 does not).
+
         >>> SDXL.kohya_text_key(1, "text_model.encoder.layers.0.self_attn.q_proj")
         'lora_te2_text_model_encoder_layers_0_self_attn_q_proj'
+        >>> SD1.kohya_text_key(0, "encoder.layers.0.self_attn.q_proj")
+        'lora_te_text_model_encoder_layers_0_self_attn_q_proj'
         """
         if not 0 <= encoder_index < len(self.kohya_text_prefixes):
             raise InvalidInputError(
                 f"expected a text encoder index below {len(self.kohya_text_prefixes)} for {self.label}, "
                 f"found {encoder_index}"
             )
-        return f"{self.kohya_text_prefixes[encoder_index]}_{module_path.replace('.', '_')}"
+        path = canonical_text_path(module_path)
+        return f"{self.kohya_text_prefixes[encoder_index]}_{path.replace('.', '_')}"
 
     def diffusers_text_path(self, kohya_key: str) -> tuple[int, str]:
-        """``(encoder_index, module_path)`` of a kohya text-encoder key (inverse of `kohya_text_key`)."""
+        """``(encoder_index, module_path)`` of a kohya text-encoder key (inverse of `kohya_text_key`).
+
+        The path is canonical (``text_model.encoder...``, as diffusers-format LoRA files spell it); use
+        `text_module_path` to find the module in a loaded encoder.
+        """
         for index, prefix in enumerate(self.kohya_text_prefixes):
             if kohya_key.startswith(prefix + "_"):
                 return index, _underscores_to_path(kohya_key[len(prefix) + 1 :])
@@ -415,6 +428,31 @@ def detect_family(pipeline_or_components: Any) -> ModelFamily:
     return SD1
 
 
+# CLIP text-encoder modules that sit beside ``text_model`` rather than inside it.
+_TEXT_TOP_LEVEL = frozenset({"text_model", "text_projection"})
+
+
+def canonical_text_path(module_path: str) -> str:
+    """A CLIP text-encoder module path named from the ``text_model`` root, as kohya, A1111 and diffusers files do.
+
+    >>> canonical_text_path("encoder.layers.0.mlp.fc1"), canonical_text_path("text_projection")
+    ('text_model.encoder.layers.0.mlp.fc1', 'text_projection')
+    """
+    if module_path.split(".", 1)[0] in _TEXT_TOP_LEVEL:
+        return module_path
+    return "text_model." + module_path
+
+
+def text_module_path(encoder: torch.nn.Module, canonical_path: str) -> str:
+    """The path of a canonical text-encoder module path inside this encoder (``encoder.get_submodule`` accepts it).
+
+    transformers 5 flattened ``CLIPTextModel`` (no ``text_model`` child) but not ``CLIPTextModelWithProjection``.
+    """
+    if canonical_path.startswith("text_model.") and not hasattr(encoder, "text_model"):
+        return canonical_path[len("text_model.") :]
+    return canonical_path
+
+
 def iter_lora_layers(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
     """``(path, module)`` for every Linear and Conv2d of a module: the layers a LoRA (or LoCon) can adapt.
 
@@ -424,7 +462,7 @@ def iter_lora_layers(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Mo
         if not isinstance(child, torch.nn.Linear | torch.nn.Conv2d):
             continue
         parts = path.split(".")
-        if any(part in _PEFT_ADAPTER_PARTS for part in parts):
+        if any(part in PEFT_ADAPTER_PARTS for part in parts):
             continue
         if parts[-1] == "base_layer":
             path = ".".join(parts[:-1])
@@ -432,4 +470,4 @@ def iter_lora_layers(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Mo
 
 
 # Sub-module names peft adds inside a wrapped layer; they are adapter weights, not base-model layers.
-_PEFT_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+PEFT_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})

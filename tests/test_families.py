@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig
 
 from studio.errors import InvalidInputError
-from studio.families import SD1, SD2, SDXL, detect_family, family_by_name, iter_lora_layers
+from studio.families import SD1, SD2, SDXL, detect_family, family_by_name, iter_lora_layers, text_module_path
 from studio.testing import build_tiny_sd1_pipeline, build_tiny_sdxl_pipeline, sd15_unet_config
 
 # The real SDXL-base U-Net layout (the numbers kohya's SGM names depend on).
@@ -147,12 +147,18 @@ def test_kohya_names_match_what_kohya_and_a1111_write():
         assert SDXL.diffusers_unet_path("lora_unet_" + name) == path
 
 
-def test_kohya_text_names_round_trip(tiny_sdxl_pipe):
-    for index, encoder in enumerate(SDXL.text_encoders(tiny_sdxl_pipe)):
-        for path, _ in iter_lora_layers(encoder):
-            key = SDXL.kohya_text_key(index, path)
-            assert key.startswith(("lora_te1_", "lora_te2_")[index])
-            assert SDXL.diffusers_text_path(key) == (index, path)
+@pytest.mark.parametrize("family", [SD1, SDXL], ids=["sd1", "sdxl"])
+def test_kohya_text_names_round_trip(family, tiny_sd1_pipe, tiny_sdxl_pipe):
+    pipe = tiny_sdxl_pipe if family is SDXL else tiny_sd1_pipe
+    for index, encoder in enumerate(family.text_encoders(pipe)):
+        for path, module in iter_lora_layers(encoder):
+            key = family.kohya_text_key(index, path)
+            assert key.startswith(family.kohya_text_prefixes[index] + "_")
+            # Whatever transformers nests, files name text modules from the text_model root (or text_projection).
+            assert key.startswith(family.kohya_text_prefixes[index] + "_text_") or key.endswith("text_projection")
+            back_index, canonical = family.diffusers_text_path(key)
+            assert back_index == index
+            assert encoder.get_submodule(text_module_path(encoder, canonical)) is module
     assert SD1.kohya_text_key(0, "text_model.encoder.layers.0.self_attn.q_proj") == (
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     )
