@@ -161,3 +161,19 @@ def test_sigkill_during_saves_never_leaves_a_bad_latest(tmp_path: Path) -> None:
         assert latest is not None, f"attempt {attempt}: no complete checkpoint after a kill"
         state = load_checkpoint(latest)
         assert torch.all(state["weights"]["w"] == state["config"]["step"])
+
+
+def test_objects_that_would_not_load_back_are_refused_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"state\['optimizer'\]\['extra'\] is a float64"):
+        save_checkpoint(tmp_path, 1, {"weights": {}, "optimizer": {"extra": np.float64(1.0)}})
+    assert latest_checkpoint(tmp_path) is None
+    save_checkpoint(tmp_path, 2, {"weights": {}, "noise_generator": torch.Generator().manual_seed(0).get_state()})
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2"
+
+
+def test_a_kill_while_replacing_the_same_step_keeps_the_old_copy(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 7, {"weights": {"w": torch.ones(1)}})
+    (tmp_path / "checkpoint-7").rename(tmp_path / ".checkpoint-7.old")  # killed right after moving it aside
+    (tmp_path / ".checkpoint-7.tmp").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-7"
+    assert torch.equal(load_checkpoint(tmp_path / "checkpoint-7")["weights"]["w"], torch.ones(1))

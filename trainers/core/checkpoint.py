@@ -22,6 +22,8 @@ save::
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from studio.errors import CorruptFileError, InvalidInputError, UnsafeFileError
+from trainers.core.config import config_to_dict
 
 __all__ = [
     "capture_rng",
@@ -157,23 +160,29 @@ def save_checkpoint(
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
 
-    # 1. Clear leftovers of an interrupted save (any step): they are never complete.
+    # 1. Everything but the weights goes through torch.save and must load back with weights_only=True. Check it now:
+    #    an object that only fails at resume time would make every checkpoint of the run useless.
+    rest = {k: v for k, v in state.items() if k != "weights"}
+    if dataclasses.is_dataclass(rest.get("config")) and not isinstance(rest["config"], type):
+        rest["config"] = config_to_dict(rest["config"])
+    rest.setdefault("step", step)
+    rest.setdefault("rng", capture_rng())
+    _check_plain(rest, "state")
+
+    # 2. Clear leftovers of an interrupted save (any step): they are never complete.
     _remove_leftovers(run_dir)
     tmp.mkdir()
 
-    # 2. Trained weights as safetensors (contiguous CPU copies; safetensors refuses shared or strided storage).
+    # 3. Trained weights as safetensors (contiguous CPU copies; safetensors refuses shared or strided storage).
     weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in dict(state.get("weights", {})).items()}
     header = {"studio.checkpoint_step": str(step), **_string_metadata(metadata)}
     save_file(weights, str(tmp / WEIGHTS_FILE), metadata=header)
 
-    # 3. Everything else through torch.save; it must load back with weights_only=True.
-    rest = {k: v for k, v in state.items() if k != "weights"}
-    rest.setdefault("step", step)
-    rest.setdefault("rng", capture_rng())
+    # 4. The rest of the state, and the config as JSON for people.
     torch.save(rest, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(rest.get("config", {}), indent=2, sort_keys=True, default=str))
 
-    # 4. fsync the payload, then write COMPLETE last (with sizes so a damaged file is noticed), fsync, rename.
+    # 5. fsync the payload, then write COMPLETE last (with sizes so a damaged file is noticed), fsync, rename.
     files = {}
     for name in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE):
         _fsync_file(tmp / name)
@@ -191,12 +200,49 @@ def save_checkpoint(
         tmp.rename(final)
     _fsync_dir(run_dir)
 
-    # 5. Only now that the new checkpoint is complete, delete older ones beyond `keep`.
+    # 6. Only now that the new checkpoint is complete, delete older ones beyond `keep`.
     _prune(run_dir, keep)
     return final
 
 
+# Exact types: subclasses such as numpy.float64 (a float) pickle as their own class, which weights_only refuses.
+_PLAIN_LEAVES = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise TypeError naming the first entry that ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_LEAVES:
+        return
+    if type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise TypeError(f"checkpoint {where} has a key of type {type(key).__name__}; use str or int keys")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if type(value) in (list, tuple):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    raise TypeError(
+        f"checkpoint {where} is a {type(value).__name__}; only tensors and plain containers load with "
+        "weights_only=True (convert it, e.g. numpy values with torch.as_tensor or float())"
+    )
+
+
+def _recover_replaced(run_dir: Path) -> None:
+    # A kill between moving checkpoint-N aside (to .old) and renaming its replacement into place leaves a complete
+    # .old and no checkpoint-N: put it back, it is the newest complete state.
+    for path in run_dir.iterdir():
+        match = _TMP_RE.match(path.name)
+        if match and match.group(2) == "old" and _is_complete(path):
+            final = run_dir / f"checkpoint-{match.group(1)}"
+            if not final.exists():
+                logger.warning("restoring %s moved aside by an interrupted save", final)
+                path.rename(final)
+
+
 def _remove_leftovers(run_dir: Path) -> None:
+    _recover_replaced(run_dir)
     for path in run_dir.iterdir():
         if path.is_dir() and _TMP_RE.match(path.name):
             logger.info("removing %s left by an interrupted save", path)
@@ -245,6 +291,8 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None (what ``--resume`` continues from)."""
+    if Path(run_dir).is_dir():
+        _recover_replaced(Path(run_dir))
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][1] if checkpoints else None
 
