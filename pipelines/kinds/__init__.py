@@ -1,0 +1,31 @@
+"""How each adapter kind enters the shared pipeline.
+
+- `pipelines.kinds.lora`: LoRA through diffusers/peft (`LoraSlots`).
+- `pipelines.kinds.embeddings`: textual-inversion vectors under service-owned tokens (`EmbeddingSlots`).
+- `pipelines.kinds.conditioning`: the seam for kinds that change cross-attention per layer and timestep (NeTI) or
+  add cross-attention tokens (preference); they plug in with `register_kind`.
+"""
+
+from pipelines.kinds.conditioning import (
+    ConditioningKind,
+    ConditioningRequest,
+    ConditioningState,
+    ExtraTokens,
+    KeyValueStates,
+    LayerCall,
+    register_kind,
+    registered_kinds,
+    unregister_kind,
+)
+
+__all__ = [
+    "ConditioningKind",
+    "ConditioningRequest",
+    "ConditioningState",
+    "ExtraTokens",
+    "KeyValueStates",
+    "LayerCall",
+    "register_kind",
+    "registered_kinds",
+    "unregister_kind",
+]

@@ -1,0 +1,326 @@
+"""The shared pipeline service: one warm base model per device, adapters loaded on demand and composed per request.
+
+The UI, the CLI and the trainers' sample previews all generate through a `PipelineService`. It keeps one stock
+diffusers pipeline on its device and composes adapters into it with diffusers' own mechanisms: LoRA through peft
+(``load_lora_weights`` once, ``set_adapters`` per request), textual-inversion vectors as tokenizer/embedding rows,
+and conditioning kinds (NeTI, preference) through attention processors installed once. Images come from the
+pipeline's own ``__call__``.
+
+One request at a time per service (a lock). The pipeline is shared mutable state: the active LoRA set and weights,
+the scheduler, and the conditioning state all belong to the request being served, so two requests on one device
+cannot overlap without seeing each other's adapters. Serialising costs nothing in throughput on one device (a second
+request would only compete for the same GPU or CPU cores) and makes "each request gets exactly its adapters" true by
+construction. Every request sets its full state at its start (adapters, scheduler, conditioning), so nothing carries
+over from the previous one.
+
+>>> from studio.base_models import BaseModel
+>>> from studio.testing import build_tiny_sd1_pipeline
+>>> service = PipelineService(BaseModel.from_pipeline(build_tiny_sd1_pipeline(), "tiny-random"))
+>>> result = service.generate(GenerationRequest(prompt="a red circle", seeds=[1], steps=2))
+>>> result.images[0].size, result.metadata[0]["seed"]
+((64, 64), 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+import studio
+from pipelines.cache import AdapterCache, CachedAdapter, library_resolver
+from pipelines.kinds.conditioning import (
+    ConditioningKind,
+    ConditioningRequest,
+    ConditioningState,
+    install_conditioning,
+    kind_factory,
+    registered_kinds,
+)
+from pipelines.kinds.embeddings import EmbeddingSlots, EmbeddingUse, references_of, rewrite_prompts
+from pipelines.kinds.lora import DEFAULT_MAX_RESIDENT, LoraSlots
+from pipelines.requests import SIZE_MULTIPLE, GenerationRequest, GenerationResult
+from studio.adapter_files import AdapterFile, load_adapter
+from studio.errors import FamilyMismatchError, NotAvailableError, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 2 * 1024**3
+"""RAM for parsed adapters: about 14 SD1.5 LoRAs of rank 128, or hundreds of small ones."""
+
+LORA = "lora"
+TEXTUAL_INVERSION = "textual_inversion"
+
+# Request scheduler name -> (diffusers class, config overrides). Built fresh from the base model's scheduler config
+# for every request, so no step counter or noise state survives from one request to the next.
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpm++_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+class PipelineService:
+    """Generate images with a base model and any adapters from a library, one request at a time.
+
+    ``adapter_source`` maps adapter names to files: an `studio.library.AdapterLibrary`, a folder of
+    ``<name>.safetensors`` files, or a callable ``name -> Path``. ``cache_bytes`` bounds the RAM held by parsed
+    adapters; ``max_resident_loras`` bounds the LoRAs kept loaded in the pipeline. ``loader`` reads one adapter file
+    (tests count calls through it).
+    """
+
+    def __init__(
+        self,
+        base_model: Any,
+        device: str | torch.device = "cpu",
+        *,
+        adapter_source: Any = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_resident_loras: int = DEFAULT_MAX_RESIDENT,
+        loader: Callable[[Path], AdapterFile] = load_adapter,
+    ) -> None:
+        self.base_model = base_model
+        self.family = base_model.family
+        self.device = torch.device(device)
+        # The fingerprint hashes the weights: take it before embeddings or LoRA layers are added to the pipeline.
+        self.fingerprint = base_model.fingerprint
+        self.pipeline = base_model.pipeline.to(self.device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self._scheduler_class = type(self.pipeline.scheduler)
+        self._scheduler_config = dict(self.pipeline.scheduler.config)
+        self._lock = threading.Lock()
+        self._seam = install_conditioning(self.pipeline.unet, self.family.cross_attention_layers(self.pipeline.unet))
+        self._loras = LoraSlots(self.pipeline, max_resident=max_resident_loras)
+        self._embeddings = EmbeddingSlots(self.pipeline, self.family)
+        self._kinds: dict[str, ConditioningKind] = {}
+        self._resolve = library_resolver(adapter_source) if adapter_source is not None else _no_adapters
+        self.cache = AdapterCache(self._resolve, budget_bytes=cache_bytes, loader=loader, on_evict=self._forget)
+
+    # -- public API ------------------------------------------------------------------------------------------------
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Cross-attention processor names in layer-index order (what conditioning kinds index)."""
+        return self._seam.layer_names
+
+    @property
+    def default_size(self) -> int:
+        """The base model's native image side in pixels."""
+        return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+
+    @property
+    def min_side(self) -> int:
+        """The smallest image side the U-Net can take: one latent pixel at its deepest level."""
+        levels = len(self.pipeline.unet.config.block_out_channels) - 1
+        return max(SIZE_MULTIPLE, int(self.pipeline.vae_scale_factor) * 2**levels)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Make one image per seed of ``request``, with exactly its adapters. Raises `StudioError` for bad requests.
+
+        A failed request leaves the service ready for the next one.
+        """
+        request.validate(min_side=self.min_side)
+        with self._lock:
+            return self._generate(request)
+
+    def resident_loras(self) -> list[str]:
+        """Library names of the LoRAs currently loaded in the pipeline."""
+        with self._lock:
+            return self._loras.resident()
+
+    def close(self) -> None:
+        """Evict every adapter from the pipeline and the cache and remove the conditioning processors."""
+        with self._lock:
+            self.cache.clear()
+            self._seam.remove()
+
+    # -- one request -----------------------------------------------------------------------------------------------
+
+    def _generate(self, request: GenerationRequest) -> GenerationResult:
+        started = time.perf_counter()
+        # 1. Resolve the adapters: parsed from the cache (a file is read only on a miss), checked against the base.
+        names = [ref.name for ref in request.adapters]
+        entries = [self._resolve_adapter(ref.name, pinned=names) for ref in request.adapters]
+        resolved = time.perf_counter()
+
+        # 2. Make exactly this request's adapters active.
+        loras = []
+        uses = []
+        for ref, entry in zip(request.adapters, entries, strict=True):
+            if entry.kind == LORA:
+                self._loras.ensure(entry.name, entry.adapter, keep=names)
+                loras.append((entry.name, ref.weight))
+            elif entry.kind == TEXTUAL_INVERSION and ref.weight != 0:
+                tokens = self._embeddings.ensure(entry.name, entry.adapter)
+                uses.append(EmbeddingUse(entry.name, references_of(entry.name, entry.adapter), tokens))
+        self._loras.activate(loras)
+        (prompt, negative_prompt), warnings = rewrite_prompts([request.prompt, request.negative_prompt], uses)
+        warnings += self._truncation_warnings(prompt, negative_prompt)
+        states = [
+            (entry.name, self._prepare_kind(entry, ref, request, prompt, negative_prompt))
+            for ref, entry in zip(request.adapters, entries, strict=True)
+            if entry.kind not in (LORA, TEXTUAL_INVERSION)
+        ]
+        if not self._seam.is_installed():
+            logger.warning("the conditioning processors were replaced; installing them again")
+            self._seam.reinstall()
+        activated = time.perf_counter()
+
+        # 3. Generate, one seed at a time: an image depends only on its own seed, not on the others in the request.
+        scheduler_name = request.scheduler if request.scheduler not in (None, "default") else self._default_name()
+        width = request.width or self.default_size
+        height = request.height or self.default_size
+        images = []
+        with self._seam.context.activate(states):
+            for seed in request.seeds:
+                self.pipeline.scheduler = self._fresh_scheduler(request.scheduler)
+                # A CPU generator: the same seed gives the same starting noise on every device.
+                generator = torch.Generator("cpu").manual_seed(seed)
+                output = self.pipeline(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.guidance,
+                    width=width,
+                    height=height,
+                    generator=generator,
+                    output_type="pil",
+                )
+                images.extend(output.images)
+        finished = time.perf_counter()
+
+        for warning in warnings:
+            logger.warning(warning)
+        adapters = [
+            {**ref.describe(), "kind": entry.kind, "sha256": entry.sha256, "placeholder_tokens": _placeholders(entry)}
+            for ref, entry in zip(request.adapters, entries, strict=True)
+        ]
+        metadata = [
+            {
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "seed": seed,
+                "steps": request.steps,
+                "guidance": request.guidance,
+                "width": width,
+                "height": height,
+                "scheduler": scheduler_name,
+                "base_model": self.base_model.name,
+                "base_fingerprint": self.fingerprint,
+                "family": self.family.name,
+                "adapters": adapters,
+                "studio_version": studio.__version__,
+            }
+            for seed in request.seeds
+        ]
+        timings = {
+            "resolve_s": resolved - started,
+            "activate_s": activated - resolved,
+            "generate_s": finished - activated,
+            "total_s": finished - started,
+        }
+        return GenerationResult(images=images, metadata=metadata, timings=timings, warnings=warnings)
+
+    def _resolve_adapter(self, name: str, *, pinned: list[str]) -> CachedAdapter:
+        entry = self.cache.get(name, pinned=pinned)
+        meta = entry.adapter.metadata
+        if meta.family != self.family.name:
+            raise FamilyMismatchError(
+                f"adapter '{name}' is for {meta.family} but the base model '{self.base_model.name}' is "
+                f"{self.family.name}"
+            )
+        if meta.kind not in (LORA, TEXTUAL_INVERSION) and kind_factory(meta.kind) is None:
+            known = ", ".join([LORA, TEXTUAL_INVERSION, *registered_kinds()])
+            raise NotAvailableError(
+                f"adapter '{name}' is a {meta.kind} adapter; this studio can generate with {known} adapters"
+            )
+        if meta.base_fingerprint and meta.base_fingerprint != self.fingerprint:
+            logger.info(
+                "adapter '%s' was trained on base %s (%s); using it with %s (%s)",
+                name,
+                meta.base_model or "?",
+                meta.base_fingerprint,
+                self.base_model.name,
+                self.fingerprint,
+            )
+        return entry
+
+    def _prepare_kind(
+        self, entry: CachedAdapter, ref: Any, request: GenerationRequest, prompt: str, negative_prompt: str
+    ) -> ConditioningState:
+        kind = self._kinds.get(entry.name)
+        if kind is None:
+            factory = kind_factory(entry.kind)
+            if factory is None:  # unregistered since it was resolved
+                raise NotAvailableError(f"adapter '{entry.name}' is a {entry.kind} adapter, which is not available")
+            kind = factory(entry.adapter, self.base_model)
+            self._kinds[entry.name] = kind
+        unet = self.pipeline.unet
+        return kind.prepare(
+            ConditioningRequest(
+                ref=ref,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                pipeline=self.pipeline,
+                family=self.family,
+                layer_names=self.layer_names,
+                device=self.device,
+                dtype=unet.dtype,
+                steps=request.steps,
+                guidance=request.guidance,
+                classifier_free_guidance=request.guidance > 1.0,
+            )
+        )
+
+    def _truncation_warnings(self, *prompts: str) -> list[str]:
+        warnings = []
+        tokenizer = self.family.tokenizers(self.pipeline)[0]
+        limit = int(tokenizer.model_max_length)
+        for what, text in zip(("prompt", "negative prompt"), prompts, strict=True):
+            count = len(tokenizer(text, truncation=False).input_ids)
+            if count > limit:
+                warnings.append(f"the {what} is {count} tokens; the text encoder reads {limit}, the rest is ignored")
+        return warnings
+
+    def _fresh_scheduler(self, name: str | None) -> Any:
+        if name in (None, "default"):
+            return self._scheduler_class.from_config(self._scheduler_config)
+        cls, overrides = SCHEDULERS[name]
+        return cls.from_config(self._scheduler_config, **overrides)
+
+    def _default_name(self) -> str:
+        for name, (cls, overrides) in SCHEDULERS.items():
+            if cls is self._scheduler_class and not overrides:
+                return name
+        return self._scheduler_class.__name__
+
+    def _forget(self, entry: CachedAdapter) -> None:
+        """Called by the cache when an adapter leaves RAM: take it out of the pipeline as well."""
+        self._loras.remove(entry.name)
+        self._embeddings.release(entry.name)
+        self._kinds.pop(entry.name, None)
+
+
+def _placeholders(entry: CachedAdapter) -> list[str]:
+    return list(entry.adapter.metadata.placeholder_tokens)
+
+
+def _no_adapters(name: str) -> Path:
+    raise NotFoundError(f"expected an adapter named '{name}', but this pipeline has no adapter library")
