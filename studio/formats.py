@@ -252,7 +252,17 @@ def detect_format(
             )
         return DetectedFormat("diffusers", "lora", "diffusers (PEFT) LoRA")
     if all(
-        key.endswith((".lora.down.weight", ".lora.up.weight", "_lora.down.weight", "_lora.up.weight")) for key in keys
+        key.endswith(
+            (
+                ".lora.down.weight",
+                ".lora.up.weight",
+                "_lora.down.weight",
+                "_lora.up.weight",
+                "_layer.down.weight",
+                "_layer.up.weight",
+            )
+        )
+        for key in keys
     ):
         return DetectedFormat("diffusers_legacy", "lora", "diffusers attention-processor LoRA")
     if any(marker in key for key in keys for marker in _CHECKPOINT_MARKERS):
@@ -482,19 +492,25 @@ def _kohya_key(family: ModelFamily, prefix: str, path: str, source: str) -> str:
 
 
 _LEGACY_KEY = re.compile(
-    r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)(?:\.processor\.(to_q|to_k|to_v|to_out)_lora|\.lora)\.(down|up)\.weight$"
+    r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)"
+    r"(?:(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora|\.lora|\.lora_linear_layer)\.(down|up)\.weight$"
 )
+# The attention-processor names diffusers once used for CLIP's projections.
+_LEGACY_TEXT_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 def _legacy_to_kohya(tensors: dict[str, torch.Tensor], family: ModelFamily, source: str) -> dict[str, torch.Tensor]:
-    """Older diffusers layouts: ``unet.<attn>.processor.to_q_lora.down.weight`` or ``unet.<path>.lora.down.weight``."""
+    """Older diffusers layouts: ``unet.<attn>.processor.to_q_lora.down.weight``, ``unet.<path>.lora.down.weight``,
+    ``text_encoder.<attn>.to_q_lora.down.weight`` and ``<path>.lora_linear_layer.down.weight``."""
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _LEGACY_KEY.match(key)
         if match is None:
             raise InvalidInputError(f"{source}: unexpected key '{key}' in a diffusers attention-processor LoRA")
         prefix, path, projection, direction = match.groups()
-        if projection:
+        if projection and prefix in ("text_encoder", "text_encoder_2"):
+            path = f"{path}.{_LEGACY_TEXT_PROJECTIONS[projection]}"
+        elif projection:
             path = f"{path}.{'to_out.0' if projection == 'to_out' else projection}"
         letter = "A" if direction == "down" else "B"
         renamed[f"{prefix or 'unet'}.{path}.lora_{letter}.weight"] = tensor

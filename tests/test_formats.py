@@ -127,6 +127,10 @@ def test_legacy_attention_processor_lora_imports(tmp_path: Path) -> None:
             f"unet.{attn}.processor.to_q_lora.up.weight": torch.randn(32, 2),
             f"unet.{attn}.processor.to_out_lora.down.weight": torch.randn(2, 32),
             f"unet.{attn}.processor.to_out_lora.up.weight": torch.randn(32, 2),
+            "text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.down.weight": torch.randn(2, 32),
+            "text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.up.weight": torch.randn(32, 2),
+            "text_encoder.text_model.encoder.layers.1.mlp.fc1.lora_linear_layer.down.weight": torch.randn(2, 32),
+            "text_encoder.text_model.encoder.layers.1.mlp.fc1.lora_linear_layer.up.weight": torch.randn(37, 2),
         },
         path,
     )
@@ -135,11 +139,18 @@ def test_legacy_attention_processor_lora_imports(tmp_path: Path) -> None:
     assert f"{prefix}_to_q.lora_down.weight" in adapter.tensors
     assert f"{prefix}_to_out_0.lora_up.weight" in adapter.tensors
     assert float(adapter.tensors[f"{prefix}_to_q.alpha"]) == 2.0
+    assert "lora_te_text_model_encoder_layers_0_self_attn_k_proj.lora_up.weight" in adapter.tensors
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc1.lora_down.weight" in adapter.tensors
 
 
 def _import_with_family(path: Path, family: ModelFamily) -> AdapterFile:
+    from studio.library import check_compatible
+
     pipe = build_tiny_sd1_pipeline() if family is SD1 else build_tiny_sdxl_pipeline()
-    return import_adapter(path, base=BaseModel.from_pipeline(pipe, "tiny"))
+    base = BaseModel.from_pipeline(pipe, "tiny")
+    adapter = import_adapter(path, base=base)
+    check_compatible(adapter, base)  # the converted names and shapes exist in the base model
+    return adapter
 
 
 @pytest.mark.parametrize(
