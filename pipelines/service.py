@@ -55,6 +55,8 @@ from pipelines.kinds.lora import DEFAULT_MAX_RESIDENT, LoraSlots
 from pipelines.requests import SIZE_MULTIPLE, GenerationRequest, GenerationResult
 from studio.adapter_files import AdapterFile, load_adapter
 from studio.errors import FamilyMismatchError, NotAvailableError, NotFoundError
+from studio.home import StudioHome
+from studio.library import AdapterLibrary, check_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class PipelineService:
         self._loras = LoraSlots(self.pipeline, max_resident=max_resident_loras)
         self._embeddings = EmbeddingSlots(self.pipeline, self.family)
         self._kinds: dict[str, ConditioningKind] = {}
+        self._checked: set[tuple[str, str]] = set()
         self._resolve = library_resolver(adapter_source) if adapter_source is not None else _no_adapters
         self.cache = AdapterCache(self._resolve, budget_bytes=cache_bytes, loader=loader, on_evict=self._forget)
 
@@ -241,11 +244,16 @@ class PipelineService:
     def _resolve_adapter(self, name: str, *, pinned: list[str]) -> CachedAdapter:
         entry = self.cache.get(name, pinned=pinned)
         meta = entry.adapter.metadata
-        if meta.family != self.family.name:
-            raise FamilyMismatchError(
-                f"adapter '{name}' is for {meta.family} but the base model '{self.base_model.name}' is "
-                f"{self.family.name}"
-            )
+        if (name, entry.sha256) not in self._checked:
+            # Family first (its message names both families), then LoRA shapes and embedding widths: a clear error
+            # here rather than a failure deep inside peft. Once per file content, not per request.
+            if meta.family != self.family.name:
+                raise FamilyMismatchError(
+                    f"adapter '{name}' is for {meta.family} but the base model '{self.base_model.name}' is "
+                    f"{self.family.name}"
+                )
+            check_compatible(entry.adapter, self.base_model, source=f"adapter '{name}'")
+            self._checked.add((name, entry.sha256))
         if meta.kind not in (LORA, TEXTUAL_INVERSION) and kind_factory(meta.kind) is None:
             known = ", ".join([LORA, TEXTUAL_INVERSION, *registered_kinds()])
             raise NotAvailableError(
@@ -316,6 +324,39 @@ class PipelineService:
         self._loras.remove(entry.name)
         self._embeddings.release(entry.name)
         self._kinds.pop(entry.name, None)
+        self._checked = {key for key in self._checked if key[0] != entry.name}
+
+
+# device -> (base model spec, home root, service): one warm base model per device in this process.
+_SHARED: dict[str, tuple[str, str, PipelineService]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def default_device() -> str:
+    """The device a service uses when none is named: the first CUDA GPU if there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def shared_service(base_model: str, home: StudioHome, *, device: str | None = None) -> PipelineService:
+    """The warm service of a device in this process, for base model spec ``base_model`` and ``home``'s library.
+
+    The UI, the CLI and sample previews ask here instead of building their own, so the base model is loaded once
+    and adapters stay cached between requests. Asking for another base model on the same device replaces the
+    service (one base model per device keeps memory bounded).
+    """
+    from studio.base_models import load_base_model  # heavy; only when a service is first made
+
+    device_key = str(torch.device(device or default_device()))
+    with _SHARED_LOCK:
+        current = _SHARED.get(device_key)
+        if current is not None and current[:2] == (base_model, str(home.root)):
+            return current[2]
+        if current is not None:
+            current[2].close()
+            del _SHARED[device_key]
+        service = PipelineService(load_base_model(base_model), device_key, adapter_source=AdapterLibrary(home))
+        _SHARED[device_key] = (base_model, str(home.root), service)
+        return service
 
 
 def _placeholders(entry: CachedAdapter) -> list[str]:
