@@ -23,8 +23,8 @@ from studio.world.scene import COLOURS, ObjectSpec, Scene, render
 
 # Backgrounds used for reference images and for "new context" prompts; kept apart so that evaluation prompts put the
 # concept on backgrounds it was never shown on.
-REFERENCE_BACKGROUNDS: tuple[str, ...] = ("white", "gray", "black", "yellow", "green")
-NEW_CONTEXT_BACKGROUNDS: tuple[str, ...] = ("blue", "red", "purple", "orange")
+REFERENCE_BACKGROUNDS: tuple[str, ...] = ("white", "black", "yellow", "white", "black")
+NEW_CONTEXT_BACKGROUNDS: tuple[str, ...] = ("blue", "red", "purple", "orange", "gray", "green")
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,19 @@ def write_reference_folder(concept: Concept, folder: Path, count: int = 5, with_
     return paths
 
 
-def new_context_prompts(token: str) -> list[tuple[str, str]]:
-    """Prompts that put a concept in new contexts, with the background the judge should find: (prompt, background)."""
-    return [(f"a {token} on a {bg} background", bg) for bg in NEW_CONTEXT_BACKGROUNDS]
+def concept_colours(concept: Concept) -> set[str]:
+    """Palette colours the concept is drawn with (a background of one of these would hide part of it)."""
+    values = [concept.look.colour, *(v for _, v in concept.look.parts)]
+    return {v for v in values if is_palette_colour(v)}  # type: ignore[misc]
+
+
+def new_context_prompts(concept: Concept, token: str) -> list[tuple[str, str]]:
+    """Prompts that put a concept in new contexts, with the background the judge should find: (prompt, background).
+
+    The backgrounds are ones the reference images never show and that differ from the concept's own colours.
+    """
+    backgrounds = [bg for bg in NEW_CONTEXT_BACKGROUNDS if bg not in concept_colours(concept)]
+    return [(f"a {token} on a {bg} background", bg) for bg in backgrounds]
 
 
 def is_palette_colour(colour: object) -> bool:
