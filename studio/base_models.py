@@ -122,6 +122,9 @@ def load_base_model(
     >>> base_model = load_base_model("tiny")  # doctest: +SKIP
     """
     cache = Path(cache_dir) if cache_dir is not None else None
+    # Weights are loaded in float32 unless asked otherwise: transformers 5 would otherwise keep a text encoder stored
+    # in fp16 in fp16, which is slow or unsupported on CPUs; a GPU caller passes torch.float16/bfloat16.
+    torch_dtype = torch_dtype or torch.float32
     spec = str(spec).strip()
     if not spec:
         raise InvalidInputError("expected a base model ('tiny', a folder, a checkpoint file or a hub id), found ''")

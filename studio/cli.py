@@ -306,7 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # demo
     demo = commands.add_parser("demo", parents=[common], help="run the end-to-end demo on the embedded tiny model")
-    demo.add_argument("--out", metavar="DIR", help="where to write the demo's report and images")
+    demo.add_argument("--out", metavar="DIR", help="where to write the demo's contact sheet (a folder or a .png path)")
+    demo.add_argument(
+        "--concept", default="robot-toy", help="shipped concept to learn: robot-toy, hex-emblem, crescent-moon"
+    )
+    demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.set_defaults(handler=_demo)
 
     # check
