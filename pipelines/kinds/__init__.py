@@ -6,6 +6,8 @@
   add cross-attention tokens (preference); they plug in with `register_kind`.
 """
 
+# Built-in conditioning kinds register themselves on import, so the service finds them by the kind in a file.
+from pipelines.kinds import neti as _neti  # noqa: F401
 from pipelines.kinds.conditioning import (
     ConditioningKind,
     ConditioningRequest,
