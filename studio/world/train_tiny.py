@@ -326,7 +326,9 @@ def train_unet(
             tmp = work / f".unet-step-{step + 1}.tmp"
             torch.save(state, tmp)
             tmp.rename(work / f"unet-step-{step + 1}.pt")
-            for old in checkpoints + sorted(work.glob("unet-step-*.pt"))[:-1]:
+            # Numeric order: "unet-step-1000" sorts before "unet-step-500" as text.
+            newest_last = sorted(work.glob("unet-step-*.pt"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+            for old in checkpoints + newest_last[:-1]:
                 old.unlink(missing_ok=True)
             checkpoints = []
     torch.save({"unet": ema_unet.state_dict(), "text": ema_text.state_dict()}, final)
