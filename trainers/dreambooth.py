@@ -42,7 +42,7 @@ from studio.adapter_files import AdapterFile, AdapterMetadata, utc_now
 from studio.errors import AlreadyExistsError, InvalidInputError, NotAvailableError
 from studio.library import AdapterInfo, AdapterLibrary, sanitize_name
 from trainers.core.caching import TensorCache, cache_latents, cache_text_embeddings
-from trainers.core.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from trainers.core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from trainers.core.class_images import class_images
 from trainers.core.conditioning import encode_prompts, unet_inputs
 from trainers.core.config import config_to_dict, expect_non_negative, expect_positive, load_config
@@ -540,8 +540,8 @@ def train_dreambooth(
             accelerator.wait_for_everyone()
             result = FineTunedModel(name=name, path=models_dir, base_model=base.name, config=effective)
         if accelerator.is_main_process:
-            # The result is stored: the run's checkpoints only served a resume.
-            for _, path in list_checkpoints(run_dir):
+            # The result is stored: the run's checkpoints (and any left cut short by a kill) only served a resume.
+            for path in [*run_dir.glob("checkpoint-*"), *run_dir.glob(".checkpoint-*")]:
                 shutil.rmtree(path, ignore_errors=True)
         return result
     finally:
