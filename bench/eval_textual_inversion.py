@@ -1,0 +1,142 @@
+"""Textual inversion on `tiny` with a shipped concept: concept similarity and background compliance vs the base model.
+
+For 1 and 4 vectors, with and without CoRe context regularisation, trains a placeholder token on the concept's five
+reference images (CPU, 2 threads, a fixed step count sized to stay under the 2-minute budget), then generates
+``a <token> on a <colour> background`` for backgrounds the references never show, through the shared pipeline, and
+scores the images with the judge (`studio.world.evaluate.evaluate_concept`). The base model's attempt uses the class
+noun instead of the token. With ``--compose``, each 4-vector token is scored again while a second concept's token
+and a DreamBooth LoRA are loaded in the same requests (their similarity should stay close to the solo value).
+
+    python bench/eval_textual_inversion.py --concept robot-toy --steps 300
+    python bench/eval_textual_inversion.py --variants 1,4 --core-weight 0.5 --compose
+
+Needs the embedded model (``studio/assets/tiny``) and the judge (``studio/assets/judge.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from pipelines.requests import AdapterRef  # noqa: E402
+from pipelines.service import PipelineService  # noqa: E402
+from studio.base_models import load_base_model  # noqa: E402
+from studio.home import StudioHome  # noqa: E402
+from studio.library import AdapterLibrary  # noqa: E402
+from studio.testing import ASSETS, tiny_model_path  # noqa: E402
+from studio.world.concepts import SHIPPED_CONCEPTS, write_reference_folder  # noqa: E402
+from studio.world.evaluate import evaluate_concept  # noqa: E402
+from studio.world.judge import Judge  # noqa: E402
+from trainers.textual_inversion import TextualInversionConfig, train_textual_inversion  # noqa: E402
+
+BUDGET_S = 120.0
+
+
+def _train(concept, images: Path, library: AdapterLibrary, runs: Path, *, name: str, token: str, **options) -> dict:
+    config = TextualInversionConfig(placeholder_token=token, init_word=concept.class_noun, **options)
+    wall, cpu = time.perf_counter(), time.process_time()
+    train_textual_inversion(config, images, load_base_model("tiny"), name=name, library=library, run_dir=runs / name)
+    return {"train_wall_s": round(time.perf_counter() - wall, 1), "train_cpu_s": round(time.process_time() - cpu, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concept", default="robot-toy", choices=sorted(SHIPPED_CONCEPTS))
+    parser.add_argument("--variants", default="1,4", help="comma-separated vector counts")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--core-weight", type=float, default=0.5, help="CoRe weight of the with-CoRe runs")
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compose", action="store_true", help="also score tokens next to a second token and a LoRA")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here too")
+    args = parser.parse_args()
+
+    if not (tiny_model_path() / "model_index.json").is_file() or not (ASSETS / "judge.safetensors").is_file():
+        print("needs studio/assets/tiny/model_index.json and studio/assets/judge.safetensors; build them first")
+        return 2
+    torch.set_num_threads(args.threads)
+    concept = SHIPPED_CONCEPTS[args.concept]
+    judge = Judge.load()
+    work = Path(tempfile.mkdtemp(prefix="eval-ti-"))
+    images = work / "images"
+    write_reference_folder(concept, images)
+    library = AdapterLibrary(StudioHome(work / "home"))
+    options = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "checkpoint_every": 0}
+
+    # 1. Train every variant: (vectors, CoRe weight).
+    report: dict = {"concept": concept.name, "class_noun": concept.class_noun, "options": options, "variants": {}}
+    variants = [(int(n), core) for n in args.variants.split(",") for core in (0.0, args.core_weight)]
+    for vectors, core in variants:
+        name = f"ti-{vectors}v" + ("-core" if core else "")
+        token = f"<{concept.name}-{vectors}v{'-core' if core else ''}>"
+        timing = _train(
+            concept, images, library, work, name=name, token=token, num_vectors=vectors, core_weight=core, **options
+        )
+        report["variants"][name] = {"token": token, "vectors": vectors, "core_weight": core, **timing}
+        print(f"trained {name}: {timing}", file=sys.stderr)
+
+    # 2. Score the base model (class noun) and every token through the shared pipeline.
+    service = PipelineService(load_base_model("tiny"), "cpu", adapter_source=library)
+    base = evaluate_concept(service, concept, concept.class_noun, [], steps=args.eval_steps, judge=judge)
+    report["base"] = {"similarity": round(base.similarity, 4), "background_compliance": base.background_compliance}
+    for name, entry in report["variants"].items():
+        score = evaluate_concept(
+            service, concept, entry["token"], [AdapterRef(name)], steps=args.eval_steps, judge=judge
+        )
+        entry.update(
+            similarity=round(score.similarity, 4),
+            background_compliance=round(score.background_compliance, 4),
+            similarity_vs_base=round(score.similarity / max(base.similarity, 1e-6), 2),
+            within_budget=entry["train_wall_s"] <= BUDGET_S,
+        )
+
+    # 3. Composition: a second concept's token and a DreamBooth LoRA active in the same requests.
+    if args.compose:
+        report["compose"] = _compose(args, concept, images, library, work, service, judge, report, options)
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+def _compose(args, concept, images, library, work, service, judge, report, options) -> dict:
+    from trainers.dreambooth import DreamBoothConfig, train_dreambooth
+
+    other = next(c for c in SHIPPED_CONCEPTS.values() if c.name != concept.name)
+    other_images = work / "other"
+    write_reference_folder(other, other_images)
+    _train(other, other_images, library, work, name="other-ti", token=f"<{other.name}>", num_vectors=4, **options)
+    lora_images = work / "lora"
+    third = next(c for c in SHIPPED_CONCEPTS.values() if c.name not in (concept.name, other.name))
+    write_reference_folder(third, lora_images)
+    db = DreamBoothConfig(token="sks", class_noun=third.class_noun, steps=args.steps, checkpoint_every=0)
+    train_dreambooth(db, lora_images, load_base_model("tiny"), name="db-lora", library=library, run_dir=work / "db")
+    out = {}
+    for name, entry in report["variants"].items():
+        if entry["vectors"] != max(v["vectors"] for v in report["variants"].values()):
+            continue
+        refs = [AdapterRef(name), AdapterRef("other-ti"), AdapterRef("db-lora")]
+        score = evaluate_concept(service, concept, entry["token"], refs, steps=args.eval_steps, judge=judge)
+        out[name] = {
+            "solo_similarity": entry["similarity"],
+            "composed_similarity": round(score.similarity, 4),
+            "composed_background_compliance": round(score.background_compliance, 4),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
