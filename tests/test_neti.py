@@ -197,11 +197,14 @@ def service(library):
 
 def test_processors_ask_for_every_layer_at_every_timestep_by_index(service, monkeypatch):
     seen: list[tuple[int, float]] = []
+    results = []
     original = NetiState.key_value_states
 
     def spy(self, call):  # noqa: ANN001, ANN202
         seen.append((call.layer_index, float(call.timestep)))
-        return original(self, call)
+        result = original(self, call)
+        results.append(result)
+        return result
 
     monkeypatch.setattr(NetiState, "key_value_states", spy)
     prompt = f"a {TOKEN} under a tree"
@@ -214,6 +217,12 @@ def test_processors_ask_for_every_layer_at_every_timestep_by_index(service, monk
     (entry,) = [entry for key, entry in service._kinds["toy"]._cache.items() if key[0] == prompt]
     plain = entry.plain[timesteps[0]]
     assert not torch.equal(plain[0], plain[-1]), "each layer gets its own conditioning"
+    # Guidance batches [negative; positive]: negative rows keep the pipeline's states; positive keys are the plain
+    # states and positive values differ from them exactly at the placeholder position.
+    keys, values = results[0].keys, results[0].values
+    assert torch.equal(keys[0], values[0])
+    differs = (keys[1] != values[1]).any(dim=-1).nonzero().flatten().tolist()
+    assert differs == entry.slots.tolist() and len(differs) == 1
 
 
 def test_truncation_dial_and_base_requests_stay_bit_identical(service):

@@ -596,8 +596,6 @@ def train_neti(
 
     # 3. The loop: one batched text-encoder call per step for all B x n_layers conditionings.
     scheduler = pipeline.scheduler
-    generator = torch.Generator("cpu").manual_seed(config.seed + start_step)
-    rng = random.Random(config.seed + start_step)
     templates = templates_for(config.learnable_property)
     n_layers = len(layer_names)
     layers = torch.arange(n_layers, device=device, dtype=torch.float32)
@@ -610,6 +608,9 @@ def train_neti(
         with seam.context.activate([("neti", states)]):  # type: ignore[list-item]
             while step < config.steps:
                 total = 0.0
+                # Data, noise and templates drawn from the step number: a resumed run sees what it would have seen.
+                generator = torch.Generator("cpu").manual_seed(config.seed * 1_000_003 + step)
+                rng = random.Random(f"neti:{config.seed}:{step}")
                 for _ in range(config.gradient_accumulation_steps):
                     picks = torch.randint(0, latents.shape[0], (config.batch_size,), generator=generator)
                     clean = latents[picks.to(device)]

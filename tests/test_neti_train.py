@@ -1,0 +1,92 @@
+"""NeTI training: a step trains the mapper only (SD1.x and SDXL), checkpoints resume, and the CLI stores the adapter."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from PIL import Image
+
+from studio.base_models import BaseModel
+from studio.errors import InvalidInputError
+from studio.families import SD1
+from studio.library import AdapterLibrary
+from studio.testing import build_tiny_sd1_pipeline, build_tiny_sdxl_pipeline
+from trainers.core.config import load_config
+from trainers.core.progress import LossHistory
+from trainers.neti import NetiConfig, build_mapper, mapper_from_adapter, train_from_cli, train_neti
+
+TOKEN = "<my-toy>"
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{index}.png")
+    return folder
+
+
+def _config(*overrides: str) -> NetiConfig:
+    base = [f"placeholder_token={TOKEN}", "super_category=toy", "batch_size=1", "gradient_accumulation_steps=1"]
+    return load_config(NetiConfig, overrides=[*base, "resolution=32", *overrides])
+
+
+@torch.no_grad()
+def _frozen_digest(pipe) -> float:  # noqa: ANN001
+    return float(
+        sum(p.double().sum() for p in pipe.unet.parameters())
+        + pipe.text_encoder.get_input_embeddings().weight.double().sum()
+    )
+
+
+def test_sdxl_neti_trains_a_step_and_changes_only_the_mapper(images):
+    pipe = build_tiny_sdxl_pipeline()
+    before = _frozen_digest(pipe)
+    processors = dict(pipe.unet.attn_processors)
+    history = LossHistory()
+    adapter = train_neti(_config("steps=1"), BaseModel.from_pipeline(pipe, "tiny-xl"), images, callbacks=[history])
+    mapper = mapper_from_adapter(adapter)
+    assert adapter.metadata.family == "sdxl" and mapper.spec.widths == (32, 32)
+    assert history.steps == [1] and all(torch.isfinite(torch.tensor(history.losses)))
+    assert _frozen_digest(pipe) == before, "the base model is frozen"
+    assert dict(pipe.unet.attn_processors) == processors, "the training processors are removed afterwards"
+
+
+def test_sd1_training_moves_the_mapper_and_resumes_from_its_checkpoint(images, tmp_path):
+    pipe = build_tiny_sd1_pipeline()
+    base = BaseModel.from_pipeline(pipe, "tiny-random")
+    run = tmp_path / "run"
+    first = train_neti(_config("steps=2", "checkpoint_every=1"), base, images, run_dir=run)
+    assert (run / "checkpoint-2").is_dir()
+    history = LossHistory()
+    resumed = train_neti(_config("steps=3"), base, images, run_dir=run, resume=True, callbacks=[history])
+    assert history.steps == [3], "a resumed run continues after its last checkpoint"
+    fresh = build_mapper(_config(), pipe, SD1, len(SD1.cross_attention_layers(pipe.unet)))  # the initial weights
+    moved = mapper_from_adapter(first)
+    assert not torch.equal(moved.output_layer.weight, fresh.output_layer.weight)
+    assert torch.equal(moved.w, mapper_from_adapter(resumed).w), "w is fixed by the seed"
+
+
+def test_cli_trains_into_the_library(images, home, monkeypatch):
+    monkeypatch.setattr(
+        "studio.base_models.load_base_model", lambda spec: BaseModel.from_pipeline(build_tiny_sd1_pipeline(), spec)
+    )
+    args = argparse.Namespace(
+        images=str(images),
+        token=TOKEN,
+        super_category="toy",
+        config=None,
+        set=["steps=1", "batch_size=1", "gradient_accumulation_steps=1", "resolution=32"],
+        resume=None,
+        name="toy",
+        base="tiny",
+    )
+    assert train_from_cli(args, home) == 0
+    info = AdapterLibrary(home).show("toy")
+    assert info.kind == "neti" and info.placeholder_tokens == [TOKEN]
+    args.token, args.name = "toy", "other"
+    with pytest.raises(InvalidInputError, match="placeholder_token"):
+        train_from_cli(args, home)
