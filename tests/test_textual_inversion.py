@@ -104,6 +104,12 @@ def test_captions_core_and_pivotal_make_one_lora_with_the_bundled_embedding(imag
     )
     # The training LoRA left the U-Net: it is the stock module again.
     assert not any("lora" in name for name, _ in base.pipeline.unet.named_modules())
+    # Exported as a LoRA plus an embedding, both parts load with diffusers' own loaders.
+    pipe = build_tiny_sd1_pipeline()
+    pipe.load_lora_weights(dict(lora.tensors), adapter_name="piv")
+    pipe.load_textual_inversion(embedding.tensors["emb_params"], token="<my-toy>")
+    assert pipe.get_list_adapters() == {"unet": ["piv"]}
+    assert len(pipe.tokenizer) == 49408 + 2
 
 
 def test_bundle_keys_follow_a1111():
