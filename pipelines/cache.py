@@ -24,11 +24,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.adapter_files import AdapterFile, load_adapter
 from studio.errors import NotFoundError
+from studio.formats import has_bundled_embedding, split_pivotal_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,22 @@ class CachedAdapter:
     nbytes: int
     stamp: tuple[int, int]
     """(mtime_ns, size) of the file when it was read; a different stamp means the file was replaced."""
+    _parts: tuple[AdapterFile, AdapterFile | None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
         """The adapter kind from the file's metadata (``lora``, ``textual_inversion``, ``neti``, ``preference``)."""
         return self.adapter.metadata.kind
+
+    def parts(self) -> tuple[AdapterFile, AdapterFile | None]:
+        """A LoRA's weights and, for a pivotal-tuning bundle, its embedding (split once, then kept)."""
+        if self._parts is None:
+            if has_bundled_embedding(self.adapter):
+                lora, embedding = split_pivotal_adapter(self.adapter)
+                self._parts = (lora, embedding)
+            else:
+                self._parts = (self.adapter, None)
+        return self._parts
 
 
 def file_sha256(path: Path) -> str:

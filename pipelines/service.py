@@ -168,8 +168,13 @@ class PipelineService:
         uses = []
         for ref, entry in zip(request.adapters, entries, strict=True):
             if entry.kind == LORA:
-                self._loras.ensure(entry.name, entry.adapter, keep=names)
+                lora, bundled = entry.parts()
+                self._loras.ensure(entry.name, lora, keep=names)
                 loras.append((entry.name, ref.weight))
+                if bundled is not None and ref.weight != 0:
+                    # A pivotal-tuning LoRA carries its placeholder's embedding: that token is part of the concept.
+                    tokens = self._embeddings.ensure(entry.name, bundled)
+                    uses.append(EmbeddingUse(entry.name, references_of(entry.name, bundled), tokens))
             elif entry.kind == TEXTUAL_INVERSION and ref.weight != 0:
                 tokens = self._embeddings.ensure(entry.name, entry.adapter)
                 uses.append(EmbeddingUse(entry.name, references_of(entry.name, entry.adapter), tokens))

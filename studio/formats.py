@@ -597,9 +597,12 @@ def export_adapter(
     out = _output_path(Path(out_path), adapter, fmt, kind)
     if kind == "lora":
         if fmt == "diffusers":
-            return [
-                _write(out, AdapterFile(_kohya_to_peft(adapter.tensors, family), adapter.metadata), {"format": "pt"})
-            ]
+            # diffusers loads LoRAs and embeddings separately: a pivotal bundle becomes a LoRA plus an embedding file.
+            lora, embedding = split_pivotal_adapter(adapter) if has_bundled_embedding(adapter) else (adapter, None)
+            written = [_write(out, AdapterFile(_kohya_to_peft(lora.tensors, family), lora.metadata), {"format": "pt"})]
+            if embedding is not None:
+                written += _export_embedding(embedding, fmt, out.with_name(f"{out.stem}.embedding{out.suffix}"), family)
+            return written
         return [_write(out, adapter, _kohya_card(adapter, family))]
     if kind == "textual_inversion":
         return _export_embedding(adapter, fmt, out, family)
@@ -730,3 +733,50 @@ def _write_a1111_pt(out: Path, adapter: AdapterFile, family: ModelFamily, token:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+# Pivotal tuning bundles: a LoRA file that also carries its placeholder's embedding.
+
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def bundle_embedding_keys(family: ModelFamily, placeholder_token: str) -> list[str]:
+    """Keys of a placeholder's embedding inside a LoRA file (kohya's "bundled embeddings", read by A1111).
+
+    A1111 (``extensions-builtin/Lora/networks.py``) collects ``bundle_emb.<name>.<rest>`` keys per ``<name>`` and
+    loads each group as an embedding file: ``string_to_param.*`` is the SD1/SD2 ``.pt`` layout and ``clip_l``/
+    ``clip_g`` the SDXL one. ``<name>`` is the prompt word, so it may hold no dot (`validate_placeholder_token`).
+
+    >>> from studio.families import SD1, SDXL
+    >>> bundle_embedding_keys(SD1, "<my-toy>"), bundle_embedding_keys(SDXL, "<my-toy>")
+    (['bundle_emb.<my-toy>.string_to_param.*'], ['bundle_emb.<my-toy>.clip_l', 'bundle_emb.<my-toy>.clip_g'])
+    """
+    if len(family.embedding_keys) == 1:
+        return [f"{BUNDLE_PREFIX}{placeholder_token}.string_to_param.*"]
+    return [f"{BUNDLE_PREFIX}{placeholder_token}.{key}" for key in family.embedding_keys]
+
+
+def split_pivotal_adapter(adapter: AdapterFile) -> tuple[AdapterFile, AdapterFile]:
+    """A pivotal-tuning ``lora`` adapter as (the LoRA alone, its embedding as a ``textual_inversion`` adapter).
+
+    This is how the bundle is exported for tools that load LoRAs and embeddings separately (diffusers, ComfyUI):
+    export each part with `studio.formats.export_adapter`.
+    """
+    meta = adapter.metadata
+    family = family_by_name(meta.family)
+    if meta.kind != "lora" or not meta.placeholder_tokens:
+        raise InvalidInputError(f"expected a pivotal-tuning lora adapter with a placeholder token, found {meta.kind}")
+    token = meta.placeholder_tokens[0]
+    keys = bundle_embedding_keys(family, token)
+    missing = [key for key in keys if key not in adapter.tensors]
+    if missing:
+        raise InvalidInputError(f"expected bundled embedding keys {', '.join(keys)}, found none for '{token}'")
+    lora = {key: value for key, value in adapter.tensors.items() if not key.startswith(BUNDLE_PREFIX)}
+    embedding = {emb_key: adapter.tensors[key] for emb_key, key in zip(family.embedding_keys, keys, strict=True)}
+    ti_meta = replace(meta, kind="textual_inversion", extra={})
+    return AdapterFile(lora, meta), AdapterFile(embedding, ti_meta)
+
+
+def has_bundled_embedding(adapter: AdapterFile) -> bool:
+    """Whether a ``lora`` adapter carries a pivotal-tuning embedding (kohya ``bundle_emb.*`` keys)."""
+    return any(key.startswith(BUNDLE_PREFIX) for key in adapter.tensors)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import random
@@ -43,6 +42,7 @@ from diffusers import DDPMScheduler
 from studio.adapter_files import AdapterFile, AdapterMetadata
 from studio.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from studio.families import ModelFamily
+from studio.formats import bundle_embedding_keys, split_pivotal_adapter
 from studio.home import StudioHome
 from studio.library import AdapterInfo, AdapterLibrary, sanitize_name
 from trainers.core.caching import TensorCache, cache_latents
@@ -91,7 +91,6 @@ logger = logging.getLogger(__name__)
 
 METHOD = "textual-inversion"
 RUN_STATE_FILE = "run.json"
-BUNDLE_PREFIX = "bundle_emb."
 
 
 @dataclass(frozen=True)
@@ -171,45 +170,6 @@ class TextualInversionConfig:
 
 # Options that may change when a run is resumed; any other difference would make the checkpoint meaningless.
 _RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints"})
-
-
-def bundle_embedding_keys(family: ModelFamily, placeholder_token: str) -> list[str]:
-    """Keys of a placeholder's embedding inside a LoRA file (kohya's "bundled embeddings", read by A1111).
-
-    A1111 (``extensions-builtin/Lora/networks.py``) collects ``bundle_emb.<name>.<rest>`` keys per ``<name>`` and
-    loads each group as an embedding file: ``string_to_param.*`` is the SD1/SD2 ``.pt`` layout and ``clip_l``/
-    ``clip_g`` the SDXL one. ``<name>`` is the prompt word, so it may hold no dot (`validate_placeholder_token`).
-
-    >>> from studio.families import SD1, SDXL
-    >>> bundle_embedding_keys(SD1, "<my-toy>"), bundle_embedding_keys(SDXL, "<my-toy>")
-    (['bundle_emb.<my-toy>.string_to_param.*'], ['bundle_emb.<my-toy>.clip_l', 'bundle_emb.<my-toy>.clip_g'])
-    """
-    if len(family.embedding_keys) == 1:
-        return [f"{BUNDLE_PREFIX}{placeholder_token}.string_to_param.*"]
-    return [f"{BUNDLE_PREFIX}{placeholder_token}.{key}" for key in family.embedding_keys]
-
-
-def split_pivotal_adapter(adapter: AdapterFile) -> tuple[AdapterFile, AdapterFile]:
-    """A pivotal-tuning ``lora`` adapter as (the LoRA alone, its embedding as a ``textual_inversion`` adapter).
-
-    This is how the bundle is exported for tools that load LoRAs and embeddings separately (diffusers, ComfyUI):
-    export each part with `studio.formats.export_adapter`.
-    """
-    from studio.families import family_by_name
-
-    meta = adapter.metadata
-    family = family_by_name(meta.family)
-    if meta.kind != "lora" or not meta.placeholder_tokens:
-        raise InvalidInputError(f"expected a pivotal-tuning lora adapter with a placeholder token, found {meta.kind}")
-    token = meta.placeholder_tokens[0]
-    keys = bundle_embedding_keys(family, token)
-    missing = [key for key in keys if key not in adapter.tensors]
-    if missing:
-        raise InvalidInputError(f"expected bundled embedding keys {', '.join(keys)}, found none for '{token}'")
-    lora = {key: value for key, value in adapter.tensors.items() if not key.startswith(BUNDLE_PREFIX)}
-    embedding = {emb_key: adapter.tensors[key] for emb_key, key in zip(family.embedding_keys, keys, strict=True)}
-    ti_meta = dataclasses.replace(meta, kind="textual_inversion", extra={})
-    return AdapterFile(lora, meta), AdapterFile(embedding, ti_meta)
 
 
 # --------------------------------------------------------------------------------------------------------------------
