@@ -1,0 +1,282 @@
+"""Evaluate preference adapters on the shapes world: win rate against the base model for simulated users.
+
+For each held-out simulated user (`studio.world.users.random_user` with seeds not used in development):
+
+1. Preference data: the base model draws two images (two seeds) per training prompt; the user labels each pair with
+   its Bradley-Terry pick (`SimulatedUser.pick` on its judge-read scores).
+2. The preference: ``user`` mode trains the user's tokens on 16 pairs; ``population`` mode trains one PPD model over
+   many other simulated users once, then embeds the held-out user from 4 pairs without training; ``attributes`` mode
+   types in the user's liked/disliked attributes (what the user would say about their taste: the features its
+   hidden weights favour, in the world's words) and applies ViPer guidance.
+3. Held-out prompts (combinations the base never saw) and seeds: the same seed with and without the preference; the
+   user's score (through the judge) decides each comparison (a tie counts half). Prompt compliance (the judge finds
+   the prompt's shape, colour and background) is measured with and without.
+
+Prints per-user lines and the pooled win rate with its 95% Wilson interval. Targets (issue 8): user mode >= 76%,
+population mode >= 70%, compliance drop <= 5 points.
+
+Run: ``python bench/eval_preference.py --mode user`` (needs ``studio/assets/tiny`` and the judge weights);
+``--smoke`` runs every step on the random tiny pipeline and a random judge in a minute, to check the plumbing only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from PIL import Image  # noqa: E402
+
+from pipelines.kinds.preference import attribute_preference  # noqa: E402
+from pipelines.requests import AdapterRef, GenerationRequest  # noqa: E402
+from pipelines.service import PipelineService  # noqa: E402
+from studio.adapter_files import save_adapter  # noqa: E402
+from studio.base_models import BaseModel, load_base_model  # noqa: E402
+from studio.preferences import PreferencePair  # noqa: E402
+from studio.world.evaluate import held_out_scenes, wilson_interval  # noqa: E402
+from studio.world.judge import Judge, JudgeNet, Reading  # noqa: E402
+from studio.world.scene import Scene, caption_for, random_scene  # noqa: E402
+from studio.world.users import SimulatedUser, random_user  # noqa: E402
+from trainers.core.config import load_config  # noqa: E402
+from trainers.preference import (  # noqa: E402
+    JudgeFeatures,
+    PreferenceConfig,
+    embed_user,
+    train_population,
+    train_user_preference,
+)
+
+logger = logging.getLogger("eval_preference")
+
+# Held-out users: seeds far from anything used while developing (development used seeds below 1000).
+DEFAULT_EVAL_USERS = (7301, 7302, 7303, 7304, 7305, 7306, 7307, 7308)
+EVAL_SEEDS = (9001, 9002)
+FEATURE_WORDS = {
+    "warm_object": (["red", "orange", "yellow"], []),
+    "cool_object": (["blue", "green", "purple"], []),
+    "dark_background": (["black background", "blue background", "purple background"], []),
+    "light_background": (["white background", "yellow background", "gray background"], []),
+    "textured_background": (["striped background", "dotted background", "checkered background"], []),
+    "large_object": (["large"], ["small"]),
+}
+
+
+def attributes_of(user: SimulatedUser, strongest: int = 3) -> tuple[list[str], list[str]]:
+    """What a user would type as liked/disliked attributes: the words of its strongest taste features."""
+    liked: list[str] = []
+    disliked: list[str] = []
+    ranked = sorted(user.weights.items(), key=lambda item: -abs(item[1]))[:strongest]
+    for feature, weight in ranked:
+        if feature == "favourite_colour" and user.favourite:
+            (liked if weight > 0 else disliked).append(user.favourite)
+            continue
+        words, opposite = FEATURE_WORDS.get(feature, ([], []))
+        if weight > 0:
+            liked += words
+            disliked += opposite
+        else:
+            disliked += words
+            liked += opposite
+    return liked, disliked
+
+
+class Setup:
+    """The base model, a service over a scratch adapter folder, and the judge."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.folder = Path(tempfile.mkdtemp(prefix="eval-preference-"))
+        self.base = self._base()
+        self.service = PipelineService(self._base(), adapter_source=self.folder)
+        self.judge = Judge(JudgeNet()) if args.smoke else Judge.load()
+        self.features = JudgeFeatures(self.judge.net)
+        self._readings: dict[int, Reading] = {}
+        self._base_cache: dict[str, list[Image.Image]] = {}
+
+    def _base(self) -> BaseModel:
+        if self.args.smoke:
+            from studio.testing import build_tiny_sd1_pipeline
+
+            return BaseModel.from_pipeline(build_tiny_sd1_pipeline(seed=0), "tiny-random")
+        return load_base_model(self.args.base)
+
+    def generate(self, prompt: str, seeds: Sequence[int], adapters: Sequence[AdapterRef] = ()) -> list[Image.Image]:
+        request = GenerationRequest(
+            prompt=prompt,
+            seeds=list(seeds),
+            steps=self.args.steps,
+            guidance=self.args.guidance,
+            adapters=list(adapters),
+        )
+        return self.service.generate(request).images
+
+    def base_images(self, prompt: str) -> list[Image.Image]:
+        """The base model's images of an evaluation prompt (made once, shared by every user)."""
+        if prompt not in self._base_cache:
+            self._base_cache[prompt] = self.generate(prompt, EVAL_SEEDS)
+        return self._base_cache[prompt]
+
+    def read(self, images: Sequence[Image.Image]) -> list[Reading]:
+        missing = [image for image in images if id(image) not in self._readings]
+        for image, reading in zip(missing, self.judge.read(missing), strict=True):
+            self._readings[id(image)] = reading
+        return [self._readings[id(image)] for image in images]
+
+
+def training_pool(setup: Setup, count: int, seed: int) -> list[tuple[str, Image.Image, Image.Image]]:
+    """``count`` training prompts (the base's own training distribution), each drawn with two seeds."""
+    rng = random.Random(f"preference-pool:{seed}")
+    pool = []
+    for index in range(count):
+        prompt = caption_for(random_scene(rng, two_object_prob=0.0, class_prob=0.0))
+        first, second = setup.generate(prompt, [seed * 100_000 + 2 * index, seed * 100_000 + 2 * index + 1])
+        pool.append((prompt, first, second))
+    return pool
+
+
+def label(setup: Setup, user: SimulatedUser, pool: Sequence[tuple[str, Image.Image, Image.Image]]) -> list[Any]:
+    """The user's picks on the pool as preference pairs (noisy, as a person's)."""
+    rng = random.Random(f"picks:{user.name}")
+    pairs = []
+    for prompt, first, second in pool:
+        a, b = (user.score_reading(r) for r in setup.read([first, second]))
+        choice = user.pick(a, b, rng)
+        preferred, other = (first, second) if choice == 0 else (second, first)
+        pairs.append(PreferencePair(user.name, prompt, preferred, other, source=f"simulated:{user.name}"))
+    return pairs
+
+
+def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef, scenes: Sequence[Scene]) -> dict[str, Any]:
+    """Wins of the preference over the base for ``user`` on held-out prompts and seeds, and compliance of both."""
+    wins = ties = n = comply_base = comply_pref = 0
+    for scene in scenes:
+        prompt = caption_for(scene)
+        base_images = setup.base_images(prompt)
+        pref_images = setup.generate(prompt, EVAL_SEEDS, [adapter])
+        for base_image, pref_image in zip(base_images, pref_images, strict=True):
+            base_reading, pref_reading = setup.read([base_image, pref_image])
+            base_score, pref_score = user.score_reading(base_reading), user.score_reading(pref_reading)
+            wins += pref_score > base_score
+            ties += pref_score == base_score
+            n += 1
+            comply_base += setup.judge.complies(base_reading, scene)
+            comply_pref += setup.judge.complies(pref_reading, scene)
+    # A tie is half a win: a preference that changes nothing scores 50%.
+    successes = wins + ties // 2
+    return {
+        "user": user.name,
+        "wins": wins,
+        "ties": ties,
+        "n": n,
+        "win_rate": successes / max(1, n),
+        "successes": successes,
+        "compliance_base": comply_base / max(1, n),
+        "compliance_preference": comply_pref / max(1, n),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("user", "population", "attributes"), default="user")
+    parser.add_argument("--base", default="tiny")
+    parser.add_argument("--users", default=",".join(map(str, DEFAULT_EVAL_USERS)), help="random_user seeds")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per evaluated user (user: 16, population: 4)")
+    parser.add_argument("--train-users", type=int, default=48, help="population mode: simulated users to train on")
+    parser.add_argument("--train-prompts", type=int, default=48, help="population mode: pool prompts")
+    parser.add_argument("--prompts", type=int, default=24, help="held-out evaluation prompts")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="PreferenceConfig override")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help="random tiny pipeline and judge, tiny counts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.smoke:
+        args.steps, args.prompts, args.train_users, args.train_prompts = 2, 2, 3, 6
+        args.set = ["steps=2", "batch_size=2", "context_pairs=2", "users_per_step=2", "hidden=16", *args.set]
+    started = time.time()
+    setup = Setup(args)
+    users = [random_user(int(seed)) for seed in args.users.split(",")]
+    scenes = held_out_scenes(args.prompts, seed=7)
+    mode = [f"mode={args.mode}"] if args.mode != "attributes" else []
+    config = load_config(PreferenceConfig, overrides=[*args.set, *mode])
+    family = setup.base.family.name
+
+    # 1. Population mode trains once, over other users, on one pool they all label.
+    population = None
+    if args.mode == "population":
+        pool = training_pool(setup, args.train_prompts, seed=1)
+        train_users = [random_user(seed) for seed in range(args.train_users)]
+        pairs = [pair for user in train_users for pair in label(setup, user, pool)]
+        population = train_population(config, pairs, setup.base, image_features=setup.features)
+        logger.info("population model: %s", population.metadata.config["final_implicit_accuracy"])
+
+    # 2. Each held-out user: their pairs, their preference, the comparison.
+    count = args.pairs or (4 if args.mode == "population" else 16)
+    if args.smoke:
+        count = 3
+    results = []
+    for index, user in enumerate(users):
+        name = f"user-{index}"
+        if args.mode == "attributes":
+            liked, disliked = attributes_of(user)
+            adapter = attribute_preference(liked, disliked, family=family, user_id=user.name)
+        else:
+            own_pool = training_pool(setup, count, seed=100 + index)
+            pairs = label(setup, user, own_pool)
+            if population is not None:
+                adapter = embed_user(population, pairs, image_features=setup.features)
+            else:
+                adapter = train_user_preference(config, pairs, setup.base)
+        save_adapter(setup.folder / f"{name}.safetensors", adapter)
+        option = "attribute_scale" if args.mode == "attributes" else "strength"
+        ref = AdapterRef(name, options={option: args.strength if args.mode != "attributes" else 0.85 * args.strength})
+        result = compare(setup, user, ref, scenes)
+        results.append(result)
+        print(
+            f"{user.name:>12}: win {result['win_rate']:.3f} ({result['wins']} wins, {result['ties']} ties / "
+            f"{result['n']}), compliance {result['compliance_base']:.3f} -> {result['compliance_preference']:.3f}"
+        )
+
+    # 3. Pooled.
+    successes = sum(r["successes"] for r in results)
+    n = sum(r["n"] for r in results)
+    low, high = wilson_interval(successes, n)
+    base_c = sum(r["compliance_base"] * r["n"] for r in results) / max(1, n)
+    pref_c = sum(r["compliance_preference"] * r["n"] for r in results) / max(1, n)
+    target = {"user": 0.76, "population": 0.70}.get(args.mode)
+    print(
+        f"{args.mode}: win rate {successes / max(1, n):.3f} [95% {low:.3f}, {high:.3f}] over {n} comparisons "
+        f"({len(results)} users)" + (f", target {target:.2f}" if target else "")
+    )
+    print(
+        f"prompt compliance: base {base_c:.3f}, with preference {pref_c:.3f} "
+        f"({100 * (pref_c - base_c):+.1f} points; target >= -5)"
+    )
+    print(f"wall time {time.time() - started:.0f}s")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"mode": args.mode, "win_rate": successes / max(1, n), "interval95": [low, high], "n": n,
+                 "compliance_base": base_c, "compliance_preference": pref_c, "users": results,
+                 "config": vars(args) | {"json": str(args.json)}},
+                indent=2, default=str,
+            )
+        )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

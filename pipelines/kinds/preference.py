@@ -1,0 +1,470 @@
+"""The ``preference`` adapter kind: a user's taste in the shared pipeline, through the conditioning seam.
+
+A preference adapter file holds one of three things (``studio.config["mode"]``):
+
+- ``user``: a user embedding, ``preference.tokens`` ``[n, width]`` (``width`` = the U-Net's cross-attention width),
+  that every cross-attention layer attends to through a second, decoupled key/value projection whose output is added,
+  scaled, to the text attention output (IP-Adapter's decoupled cross-attention, PPD's way in). The projections are
+  ``preference.layers.<i>.to_k.weight`` / ``.to_v.weight`` when the adapter trained them, else copies of the layer's
+  own ``to_k``/``to_v`` taken when the adapter is first used. The branch conditions the positive (prompt) rows only;
+  the unconditional rows of classifier-free guidance stay the base model's, as IP-Adapter's zero image embedding
+  does, so guidance pushes towards the user's taste.
+- ``population``: a PPD model (shared projections + an encoder from a user's pairs to their tokens). Not used for
+  generation directly: `trainers.preference.embed_user` turns 4 pairs of a new user into a ``user`` adapter.
+- ``attributes``: ViPer-style attribute guidance, no weights: liked and disliked attribute lists. Guidance becomes
+  ``eps = eps_u + w * (eps_text + s * eps_liked - eps_u - s * eps_disliked)`` with ``s`` = ``attribute_scale``
+  (0.85). See `AttributeGuidanceState` for how that is done over the stock pipeline.
+
+Request options (``AdapterRef``): the branch scale is ``weight * strength`` (``strength`` defaults to 1; 0 gives the
+base model's images bit for bit); ``attribute_scale`` overrides ``s``. Two users in one request add their branches
+(each with its own scale); for PPD's embedding interpolation make a mixed adapter with `interpolate_preferences`.
+
+Importing this module registers the kind with the seam (`register_kind`).
+
+>>> from pipelines.requests import AdapterRef
+>>> AdapterRef.parse("alice:strength=0.7").options
+{'strength': 0.7}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipelines.kinds.conditioning import (
+    ConditionedAttnProcessor,
+    ConditioningContext,
+    ConditioningRequest,
+    ConditioningState,
+    ExtraTokens,
+    KeyValueStates,
+    LayerCall,
+    register_kind,
+)
+from studio.adapter_files import AdapterFile, AdapterMetadata
+from studio.errors import InvalidInputError
+
+KIND = "preference"
+TOKENS_KEY = "preference.tokens"
+LAYER_PREFIX = "preference.layers."
+ENCODER_PREFIX = "preference.encoder."
+MODES = ("user", "population", "attributes")
+DEFAULT_ATTRIBUTE_SCALE = 0.85
+
+
+# -- the decoupled branches ---------------------------------------------------------------------------------------
+
+
+def layer_attention(unet: nn.Module, layer_name: str) -> nn.Module:
+    """The ``Attention`` module behind a cross-attention processor name (``...attn2.processor``)."""
+    return unet.get_submodule(layer_name.removesuffix(".processor"))
+
+
+def _base_linear(module: nn.Module) -> nn.Linear:
+    # A peft-wrapped projection keeps the original weight in ``base_layer``: copy that, not the LoRA-adapted one.
+    return getattr(module, "base_layer", module)
+
+
+class PreferenceBranches(nn.Module):
+    """One decoupled ``to_k``/``to_v`` pair per cross-attention layer, in layer-index order.
+
+    >>> from studio.testing import build_tiny_sd1_pipeline
+    >>> from studio.families import SD1
+    >>> unet = build_tiny_sd1_pipeline().unet
+    >>> branches = PreferenceBranches.from_unet(unet, SD1.cross_attention_layers(unet))
+    >>> len(branches.to_k) == len(SD1.cross_attention_layers(unet))
+    True
+    """
+
+    def __init__(self, to_k: Sequence[nn.Linear], to_v: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.to_k = nn.ModuleList(to_k)
+        self.to_v = nn.ModuleList(to_v)
+
+    @property
+    def width(self) -> int:
+        """The token width the branches read (the U-Net's cross-attention width)."""
+        return int(self.to_k[0].in_features)
+
+    @classmethod
+    def from_unet(
+        cls, unet: nn.Module, layer_names: Sequence[str], tensors: dict[str, torch.Tensor] | None = None
+    ) -> PreferenceBranches:
+        """Copies of each layer's ``to_k``/``to_v``, replaced by ``tensors[preference.layers.<i>.*]`` if given."""
+        to_k, to_v = [], []
+        for name in layer_names:
+            attn = layer_attention(unet, name)
+            for source, out in ((_base_linear(attn.to_k), to_k), (_base_linear(attn.to_v), to_v)):
+                layer = nn.Linear(source.in_features, source.out_features, bias=source.bias is not None)
+                layer.to(device=source.weight.device, dtype=source.weight.dtype)
+                with torch.no_grad():
+                    layer.weight.copy_(source.weight)
+                    if source.bias is not None:
+                        layer.bias.copy_(source.bias)
+                out.append(layer)
+        branches = cls(to_k, to_v).requires_grad_(False)
+        if tensors:
+            branches.load_layer_tensors(tensors)
+        return branches
+
+    def layer_tensors(self) -> dict[str, torch.Tensor]:
+        """The projections in the adapter layout (``preference.layers.<i>.to_k.weight``, ...)."""
+        out = {}
+        for index, (to_k, to_v) in enumerate(zip(self.to_k, self.to_v, strict=True)):
+            for part, module in (("to_k", to_k), ("to_v", to_v)):
+                for param_name, value in module.named_parameters():
+                    out[f"{LAYER_PREFIX}{index}.{part}.{param_name}"] = value.detach()
+        return out
+
+    def load_layer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the projections from adapter tensors; shapes and layer count must match the U-Net."""
+        own = self.layer_tensors()
+        given = {key: value for key, value in tensors.items() if key.startswith(LAYER_PREFIX)}
+        if set(given) != set(own):
+            raise InvalidInputError(
+                f"expected decoupled projections for {len(self.to_k)} cross-attention layers ({len(own)} tensors), "
+                f"found {len(given)} tensors"
+            )
+        for key, value in given.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise InvalidInputError(
+                    f"preference projection {key} is {list(value.shape)} but the base model needs "
+                    f"{list(own[key].shape)}"
+                )
+        with torch.no_grad():
+            for key, param in zip(own, self._parameters_in_order(), strict=True):
+                param.copy_(given[key].to(param.dtype))
+
+    def _parameters_in_order(self) -> list[nn.Parameter]:
+        params = []
+        for to_k, to_v in zip(self.to_k, self.to_v, strict=True):
+            params.extend(p for _, p in to_k.named_parameters())
+            params.extend(p for _, p in to_v.named_parameters())
+        return params
+
+
+class UserTokensState(ConditioningState):
+    """The extra-token branch of one user embedding on every cross-attention layer.
+
+    ``tokens`` is ``[n, width]`` (one user) or ``[batch, n, width]`` (one user per row, in training). With
+    ``positive_rows_only`` and a batch of ``[negative; positive]`` rows, the negative rows get zero tokens: with the
+    bias-free projections of SD-style U-Nets the branch then adds exactly nothing to them.
+    """
+
+    def __init__(
+        self, tokens: torch.Tensor, branches: PreferenceBranches, scale: float, *, positive_rows_only: bool = False
+    ) -> None:
+        self.tokens = tokens if tokens.dim() == 3 else tokens.unsqueeze(0)
+        self.branches = branches
+        self.scale = float(scale)
+        self.positive_rows_only = positive_rows_only
+
+    def extra_tokens(self, call: LayerCall) -> ExtraTokens | None:
+        if self.scale == 0.0:
+            return None
+        tokens = self.tokens
+        batch = call.encoder_hidden_states.shape[0]
+        if self.positive_rows_only and batch % 2 == 0:
+            tokens = tokens.expand(batch // 2, -1, -1) if tokens.shape[0] == 1 else tokens
+            tokens = torch.cat([torch.zeros_like(tokens), tokens])
+        index = call.layer_index
+        return ExtraTokens(tokens, self.branches.to_k[index], self.branches.to_v[index], scale=self.scale)
+
+
+# -- attribute guidance -------------------------------------------------------------------------------------------
+
+
+def clean_attributes(liked: Sequence[str], disliked: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Strip, drop empties and duplicates, and drop keywords found in both lists (ViPer's rule).
+
+    >>> clean_attributes(["red", " large ", "red", "dark"], ["dark", "small"])
+    (['red', 'large'], ['small'])
+    """
+
+    def unique(items: Sequence[str]) -> list[str]:
+        seen: dict[str, None] = {}
+        for item in items:
+            if not isinstance(item, str):
+                raise InvalidInputError(f"expected attributes as text, found {item!r}")
+            if item.strip():
+                seen.setdefault(item.strip(), None)
+        return list(seen)
+
+    liked_set, disliked_set = unique(liked), unique(disliked)
+    both = set(liked_set) & set(disliked_set)
+    return [a for a in liked_set if a not in both], [a for a in disliked_set if a not in both]
+
+
+def _shuffled(attributes: list[str], prompt: str) -> str:
+    # ViPer shuffles the lists per prompt; seeding from the prompt keeps "same request, same image".
+    order = list(attributes)
+    random.Random(hashlib.sha256(prompt.encode()).hexdigest()).shuffle(order)
+    return ", ".join(order)
+
+
+class AttributeGuidanceState(ConditioningState):
+    """ViPer guidance over the stock pipeline: a key/value-state change plus one extra U-Net pass per step.
+
+    Choice (documented because it is not obvious): the pipeline is not copied. With guidance the pipeline runs the
+    U-Net on ``[negative; positive]`` rows and combines ``n + w * (p - n)``.
+
+    1. Through the seam, the cross-attention states of the positive rows get ``+ s * E(liked)`` and those of the
+       negative rows ``+ s * E(disliked)`` (cross-attention is the only place the U-Net reads them), so the
+       pipeline's call yields ``p = eps_text+liked`` and ``n = eps_u+disliked``.
+    2. A U-Net forward hook runs the U-Net once more on the negative rows with the plain states (``eps_u``) and hands
+       the pipeline ``[eps_u; eps_u + p - n]``. The pipeline's own combination then gives
+       ``eps_u + w * (p - n)``, ViPer's guidance. With no disliked attributes ``n == eps_u`` and the pass is skipped.
+    """
+
+    def __init__(self, liked: torch.Tensor | None, disliked: torch.Tensor | None, scale: float) -> None:
+        self.liked = liked
+        self.disliked = disliked
+        self.scale = float(scale)
+        self.in_extra_pass = False
+
+    @property
+    def needs_extra_pass(self) -> bool:
+        """Whether the unconditional prediction must be recomputed without the disliked attributes."""
+        return self.disliked is not None and self.scale != 0.0
+
+    def key_value_states(self, call: LayerCall) -> KeyValueStates | None:
+        if self.in_extra_pass or self.scale == 0.0 or (self.liked is None and self.disliked is None):
+            return None
+        states = call.encoder_hidden_states
+        half = states.shape[0] // 2
+        negative, positive = states[:half], states[half:]
+        if self.liked is not None:
+            positive = positive + self.scale * self.liked.to(positive.dtype)
+        if self.disliked is not None:
+            negative = negative + self.scale * self.disliked.to(negative.dtype)
+        changed = torch.cat([negative, positive])
+        return KeyValueStates(changed, changed)
+
+
+def combine_attribute_guidance(
+    eps_u: torch.Tensor, eps_positive: torch.Tensor, eps_negative: torch.Tensor
+) -> torch.Tensor:
+    """The ``[uncond; text]`` rows to hand the pipeline so that ``uncond + w * (text - uncond)`` equals
+    ``eps_u + w * (eps_positive - eps_negative)`` for every ``w``."""
+    return torch.cat([eps_u, eps_u + eps_positive - eps_negative])
+
+
+_HOOKED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def _seam_context(unet: nn.Module, layer_names: Sequence[str]) -> ConditioningContext:
+    processor = unet.attn_processors.get(layer_names[0]) if layer_names else None
+    if not isinstance(processor, ConditionedAttnProcessor):
+        raise InvalidInputError("attribute guidance needs the conditioning seam installed on the U-Net")
+    return processor.context
+
+
+def _rows(value: Any, batch: int, half: int) -> Any:
+    """``value`` with its first ``half`` rows where it is batched (tensors and dicts of them), else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[:half]
+    if isinstance(value, dict):
+        return {key: _rows(item, batch, half) for key, item in value.items()}
+    return value
+
+
+def _ensure_guidance_hook(unet: nn.Module, context: ConditioningContext) -> None:
+    """Put the extra-pass hook on ``unet`` once; it does nothing unless an `AttributeGuidanceState` is active."""
+    if unet in _HOOKED:
+        return
+
+    def extra_pass(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        combined = context.state
+        states = [s for s in getattr(combined, "states", ()) if isinstance(s, AttributeGuidanceState)]
+        active = [s for s in states if s.needs_extra_pass and not s.in_extra_pass]
+        if not active:
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        batch = sample.shape[0]
+        if batch % 2:
+            return None  # no guidance batch: nothing to recombine
+        half = batch // 2
+        for state in active:
+            state.in_extra_pass = True
+        try:
+            eps_u = module(
+                *[_rows(a, batch, half) for a in args], **{k: _rows(v, batch, half) for k, v in kwargs.items()}
+            )
+        finally:
+            for state in active:
+                state.in_extra_pass = False
+        eps_u = eps_u[0] if isinstance(eps_u, tuple) else eps_u.sample
+        predicted = output[0] if isinstance(output, tuple) else output.sample
+        guided = combine_attribute_guidance(eps_u, predicted[half:], predicted[:half])
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        output.sample = guided
+        return output
+
+    _HOOKED[unet] = unet.register_forward_hook(extra_pass, with_kwargs=True)
+
+
+def _encode_text(pipeline: Any, text: str, device: torch.device) -> torch.Tensor:
+    # The pipeline's own encoder (SD1/SD2/SDXL alike); first output is the cross-attention states.
+    with torch.no_grad():
+        encoded = pipeline.encode_prompt(
+            prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    return encoded[0]
+
+
+# -- the kind -----------------------------------------------------------------------------------------------------
+
+
+class PreferenceKind:
+    """A preference adapter in the shared pipeline, built once per cached adapter (see the module docstring)."""
+
+    def __init__(self, adapter: AdapterFile, base_model: Any) -> None:
+        config = adapter.metadata.config
+        self.mode = config.get("mode")
+        if self.mode not in MODES:
+            raise InvalidInputError(f"expected a preference mode in {', '.join(MODES)}, found {self.mode!r}")
+        self.name = adapter.metadata.name or str(config.get("user_id", "preference"))
+        self.branches: PreferenceBranches | None = None
+        self.tokens: torch.Tensor | None = None
+        if self.mode == "user":
+            unet = base_model.pipeline.unet
+            layer_names = base_model.family.cross_attention_layers(unet)
+            tokens = adapter.tensors.get(TOKENS_KEY)
+            if tokens is None or tokens.dim() != 2:
+                raise InvalidInputError(f"expected {TOKENS_KEY} as [tokens, width] in preference '{self.name}'")
+            self.branches = PreferenceBranches.from_unet(unet, layer_names, _layer_tensors(adapter.tensors))
+            if tokens.shape[1] != self.branches.width:
+                raise InvalidInputError(
+                    f"preference '{self.name}' has tokens of width {tokens.shape[1]} but the base model's "
+                    f"cross-attention reads width {self.branches.width}"
+                )
+            self.tokens = tokens
+        self.liked, self.disliked = clean_attributes(config.get("liked", []), config.get("disliked", []))
+        self.attribute_scale = float(config.get("attribute_scale", DEFAULT_ATTRIBUTE_SCALE))
+
+    def prepare(self, request: ConditioningRequest) -> ConditioningState:
+        """This request's state: the user's token branch, or attribute guidance."""
+        options = dict(request.ref.options)
+        if self.mode == "population":
+            raise InvalidInputError(
+                f"preference '{self.name}' is a population model; embed a user from their pairs first "
+                "(trainers.preference.embed_user or `studio train preference --set mode=embed`)"
+            )
+        if self.mode == "attributes":
+            return self._attribute_state(request, float(options.get("attribute_scale", self.attribute_scale)))
+        unknown = set(options) - {"strength"}
+        if unknown:
+            raise InvalidInputError(f"preference '{self.name}' takes the option strength, found {sorted(unknown)}")
+        assert self.branches is not None and self.tokens is not None  # set for mode "user" in __init__
+        self.branches.to(device=request.device, dtype=request.dtype)
+        scale = float(request.ref.weight) * float(options.get("strength", 1.0))
+        tokens = self.tokens.to(device=request.device, dtype=request.dtype)
+        return UserTokensState(tokens, self.branches, scale, positive_rows_only=request.classifier_free_guidance)
+
+    def _attribute_state(self, request: ConditioningRequest, scale: float) -> AttributeGuidanceState:
+        unknown = set(request.ref.options) - {"attribute_scale"}
+        if unknown:
+            raise InvalidInputError(
+                f"attribute preference '{self.name}' takes the option attribute_scale, found {sorted(unknown)}"
+            )
+        scale *= float(request.ref.weight)
+        if not (self.liked or self.disliked) or scale == 0.0:
+            return AttributeGuidanceState(None, None, 0.0)
+        if not request.classifier_free_guidance:
+            raise InvalidInputError(
+                f"attribute preference '{self.name}' needs classifier-free guidance (guidance > 1), got "
+                f"{request.guidance:g}"
+            )
+        pipeline = request.pipeline
+        liked = _encode_text(pipeline, _shuffled(self.liked, request.prompt), request.device) if self.liked else None
+        disliked = (
+            _encode_text(pipeline, _shuffled(self.disliked, request.prompt), request.device) if self.disliked else None
+        )
+        _ensure_guidance_hook(pipeline.unet, _seam_context(pipeline.unet, request.layer_names))
+        return AttributeGuidanceState(liked, disliked, scale)
+
+
+def _layer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    layers = {key: value for key, value in tensors.items() if key.startswith(LAYER_PREFIX)}
+    return layers or None
+
+
+register_kind(KIND, PreferenceKind)
+
+
+# -- adapter values -----------------------------------------------------------------------------------------------
+
+
+def attribute_preference(
+    liked: Sequence[str],
+    disliked: Sequence[str],
+    *,
+    family: str,
+    user_id: str = "",
+    attribute_scale: float = DEFAULT_ATTRIBUTE_SCALE,
+) -> AdapterFile:
+    """An ``attributes`` preference adapter (no weights) for a model family.
+
+    >>> adapter = attribute_preference(["red", "large"], ["dark background"], family="sd1", user_id="alice")
+    >>> adapter.metadata.config["liked"]
+    ['red', 'large']
+    """
+    liked_clean, disliked_clean = clean_attributes(liked, disliked)
+    config = {
+        "mode": "attributes",
+        "user_id": user_id,
+        "liked": liked_clean,
+        "disliked": disliked_clean,
+        "attribute_scale": float(attribute_scale),
+    }
+    # safetensors files need a tensor; this one records the scale so the file is self-describing.
+    tensors = {"preference.attribute_scale": torch.tensor([float(attribute_scale)])}
+    return AdapterFile(tensors, AdapterMetadata(kind=KIND, family=family, config=config))
+
+
+def interpolate_preferences(first: AdapterFile, second: AdapterFile, t: float) -> AdapterFile:
+    """PPD's interpolation: a ``user`` adapter whose tokens are ``(1 - t) * first + t * second``.
+
+    Both must be ``user`` adapters with the same token shape and the same projections (users of one population
+    model, or per-user adapters on the base projections); ``t`` = 0 gives ``first``, 1 gives ``second`` exactly.
+    """
+    for adapter in (first, second):
+        if adapter.metadata.kind != KIND or adapter.metadata.config.get("mode") != "user":
+            raise InvalidInputError(
+                f"expected two user preference adapters, found a {adapter.metadata.kind} adapter in mode "
+                f"{adapter.metadata.config.get('mode')!r}"
+            )
+    a, b = first.tensors[TOKENS_KEY], second.tensors[TOKENS_KEY]
+    if a.shape != b.shape:
+        raise InvalidInputError(f"expected user tokens of one shape, found {list(a.shape)} and {list(b.shape)}")
+    layers_a, layers_b = _layer_tensors(first.tensors) or {}, _layer_tensors(second.tensors) or {}
+    if set(layers_a) != set(layers_b) or any(not torch.equal(layers_a[k], layers_b[k]) for k in layers_a):
+        raise InvalidInputError(
+            "expected two users with the same decoupled projections (one population model, or both on the base's)"
+        )
+    if t == 0.0:
+        tokens = a.clone()
+    elif t == 1.0:
+        tokens = b.clone()
+    else:
+        tokens = torch.lerp(a.float(), b.float(), float(t)).to(a.dtype)
+    config = {
+        **first.metadata.config,
+        "user_id": f"{first.metadata.config.get('user_id', '')}~{second.metadata.config.get('user_id', '')}@{t:g}",
+        "interpolated": [first.metadata.config.get("user_id", ""), second.metadata.config.get("user_id", ""), t],
+    }
+    meta = AdapterMetadata(
+        kind=KIND,
+        family=first.metadata.family,
+        base_model=first.metadata.base_model,
+        base_fingerprint=first.metadata.base_fingerprint,
+        config=config,
+    )
+    return AdapterFile({**layers_a, TOKENS_KEY: tokens}, meta)

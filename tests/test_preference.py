@@ -1,0 +1,214 @@
+"""Preference adapters: the DPO loss, per-user and population training, and generation through the shared pipeline
+(strength, interpolation, attribute guidance, composition with a LoRA), on tiny random models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_pipeline_helpers import pixels, random_lora, tiny_base, write
+
+from pipelines.kinds.conditioning import ConditionedAttnProcessor
+from pipelines.kinds.preference import (
+    TOKENS_KEY,
+    attribute_preference,
+    combine_attribute_guidance,
+    interpolate_preferences,
+)
+from pipelines.requests import AdapterRef, GenerationRequest
+from pipelines.service import PipelineService
+from studio.adapter_files import AdapterFile, AdapterMetadata
+from studio.errors import InvalidInputError, NotAvailableError
+from studio.preferences import PreferencePair
+from studio.world.judge import JudgeNet
+from trainers.preference import (
+    ClipVisionFeatures,
+    JudgeFeatures,
+    PreferenceConfig,
+    diffusion_dpo_loss,
+    embed_user,
+    train_population,
+    train_user_preference,
+)
+
+STEPS = 3
+PROMPT = "a red circle"
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "purple", "orange")
+
+
+def pairs_of(user: str, count: int) -> list[PreferencePair]:
+    return [
+        PreferencePair(
+            user,
+            f"a shape number {i}",
+            Image.new("RGB", (64, 64), COLOURS[i % len(COLOURS)]),
+            Image.new("RGB", (64, 64), COLOURS[(i + 3) % len(COLOURS)]),
+        )
+        for i in range(count)
+    ]
+
+
+def user_adapter(user: str, seed: int, width: int = 32, scale: float = 3.0) -> AdapterFile:
+    tokens = torch.randn(4, width, generator=torch.Generator().manual_seed(seed)) * scale
+    meta = AdapterMetadata(kind="preference", family="sd1", config={"mode": "user", "user_id": user})
+    return AdapterFile({TOKENS_KEY: tokens}, meta)
+
+
+def test_dpo_loss_matches_a_hand_computation():
+    # Two pairs, 1x1x2 "images"; errors are means over channels and pixels.
+    target = torch.zeros(2, 1, 1, 2)
+    model_w = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 2.0]]]])  # err_w = 1, 2
+    model_l = torch.tensor([[[[2.0, 0.0]]], [[[1.0, 1.0]]]])  # err_l = 2, 1
+    ref_w = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]]])  # ref_w = 0.5, 1
+    ref_l = torch.tensor([[[[1.0, 1.0]]], [[[1.0, 1.0]]]])  # ref_l = 1, 1
+    beta = 0.5
+    inside = [-0.5 * beta * ((1 - 2) - (0.5 - 1)), -0.5 * beta * ((2 - 1) - (1 - 1))]  # [0.125, -0.25]
+    expected = sum(math.log1p(math.exp(-x)) for x in inside) / 2
+    result = diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, target, target, beta=beta)
+    assert float(result.loss) == pytest.approx(expected, rel=1e-6)
+    assert result.inside.tolist() == pytest.approx(inside)
+    assert result.accuracy == 0.5
+
+    # The gradient reaches the model's predictions only.
+    model_w.requires_grad_(True)
+    ref_w.requires_grad_(True)
+    diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, target, target, beta=beta).loss.backward()
+    assert model_w.grad is not None and model_w.grad.abs().sum() > 0
+    assert ref_w.grad is None
+
+
+def test_per_user_training_changes_only_the_user_tokens():
+    base = tiny_base()
+    pipe = base.pipeline
+    before = {
+        name: {k: v.clone() for k, v in module.state_dict().items()}
+        for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text", pipe.text_encoder))
+    }
+    processors = dict(pipe.unet.attn_processors)
+    cfg = PreferenceConfig(steps=3, batch_size=2, log_every=1, lr=0.1)
+    events = []
+    adapter = train_user_preference(cfg, pairs_of("alice", 4), base, progress=[events.append])
+
+    assert set(adapter.tensors) == {TOKENS_KEY}
+    tokens = adapter.tensors[TOKENS_KEY]
+    assert tokens.shape == (4, 32) and tokens.abs().sum() > 0
+    for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text", pipe.text_encoder)):
+        after = module.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before[name].items()), f"{name} weights changed"
+    assert dict(pipe.unet.attn_processors) == processors, "training leaves the U-Net's processors as it found them"
+    config = adapter.metadata.config
+    assert (config["mode"], config["user_id"], config["tokens"], config["beta"]) == ("user", "alice", 4, 5000.0)
+    assert config["training"]["steps"] == 3 and 0.0 <= config["final_implicit_accuracy"] <= 1.0
+    assert [e.step for e in events] == [1, 2, 3] and "implicit accuracy" in events[-1].message
+
+    with pytest.raises(InvalidInputError, match="one user"):
+        train_user_preference(cfg, pairs_of("alice", 2) + pairs_of("bob", 2), base)
+
+
+@pytest.fixture
+def service(tmp_path):
+    write(tmp_path, "alice", user_adapter("alice", seed=1))
+    write(tmp_path, "bob", user_adapter("bob", seed=2))
+    alice, bob = (user_adapter(u, seed=s) for u, s in (("alice", 1), ("bob", 2)))
+    write(tmp_path, "mix0", interpolate_preferences(alice, bob, 0.0))
+    write(tmp_path, "mix1", interpolate_preferences(alice, bob, 1.0))
+    write(tmp_path, "mixhalf", interpolate_preferences(alice, bob, 0.5))
+    write(tmp_path, "taste", attribute_preference(["blue", "large"], ["red", "small"], family="sd1"))
+    write(tmp_path, "liked", attribute_preference(["blue"], [], family="sd1"))
+    write(tmp_path, "nothing", attribute_preference([], [], family="sd1"))
+    service = PipelineService(tiny_base(), adapter_source=tmp_path)
+    yield service
+    service.close()
+
+
+def generate(service: PipelineService, *adapters: str | AdapterRef) -> np.ndarray:
+    refs = [a if isinstance(a, AdapterRef) else AdapterRef.parse(a) for a in adapters]
+    request = GenerationRequest(prompt=PROMPT, seeds=[1], steps=STEPS, width=64, height=64, adapters=refs)
+    return pixels(service.generate(request).images[0])
+
+
+def test_user_preference_strength_and_interpolation(service):
+    stock = generate(service)
+    alice = generate(service, "alice")
+    assert np.abs(alice - stock).max() > 0, "a user embedding changes the image"
+    assert np.array_equal(generate(service, "alice:strength=0"), stock), "strength 0 is the base model, bit for bit"
+    assert np.array_equal(generate(service, "alice:0"), stock)
+    assert np.array_equal(generate(service), stock), "no adapter after one: the base model again"
+
+    assert np.array_equal(generate(service, "mix0"), alice)
+    assert np.array_equal(generate(service, "mix1"), generate(service, "bob"))
+    half = generate(service, "mixhalf")
+    assert not np.array_equal(half, alice)
+
+    with pytest.raises(InvalidInputError, match="strength"):
+        generate(service, "alice:streng=2")
+
+
+def test_attribute_guidance(service, tiny_sd1_pipe):
+    stock = generate(service)
+    assert np.array_equal(generate(service, "nothing"), stock), "empty attribute lists are normal guidance"
+
+    calls = []
+    hook = service.pipeline.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    taste = generate(service, "taste")
+    hook.remove()
+    assert len(calls) == 2 * STEPS, "one extra U-Net evaluation per step"
+    assert np.abs(taste - stock).max() > 0
+    assert np.array_equal(generate(service, "taste:attribute_scale=0"), stock)
+
+    # Liked attributes only: exactly the stock pipeline with s * E(liked) added to the prompt's states.
+    pipe = tiny_sd1_pipe
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0] + 0.85 * pipe.encode_prompt("blue", "cpu", 1, False)[0]
+    output = pipe(
+        prompt_embeds=embeds,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+        generator=torch.Generator("cpu").manual_seed(1),
+    )
+    assert np.abs(generate(service, "liked") - pixels(output.images[0])).max() <= 1
+
+
+def test_attribute_guidance_combination_is_vipers_formula():
+    eps_u, eps_p, eps_n = torch.randn(3, 2, 4, 8, 8).unbind(0)
+    uncond, text = combine_attribute_guidance(eps_u, eps_p, eps_n).chunk(2)
+    w = 7.5
+    torch.testing.assert_close(uncond + w * (text - uncond), eps_u + w * (eps_p - eps_n))
+
+
+def test_preference_composes_with_a_lora(service, tmp_path):
+    write(tmp_path, "subject", random_lora(service.pipeline, seed=3))
+    lora = generate(service, "subject")
+    both = generate(service, "subject", "alice")
+    assert np.abs(both - lora).max() > 0 and np.abs(both - generate(service, "alice")).max() > 0
+    assert np.array_equal(generate(service, "subject", "alice:strength=0"), lora)
+
+
+def test_population_training_and_a_new_users_embedding():
+    base = tiny_base()
+    features = JudgeFeatures(JudgeNet())
+    pairs = pairs_of("alice", 4) + pairs_of("bob", 4)
+    cfg = PreferenceConfig(mode="population", steps=2, batch_size=2, users_per_step=2, context_pairs=2, hidden=16)
+    model = train_population(cfg, pairs, base, image_features=features)
+    assert model.metadata.config["mode"] == "population" and model.metadata.config["image_encoder"] == "judge"
+    assert any(k.startswith("preference.encoder.") for k in model.tensors)
+    assert TOKENS_KEY not in model.tensors
+    assert not any(isinstance(p, ConditionedAttnProcessor) for p in base.pipeline.unet.attn_processors.values())
+
+    user = embed_user(model, pairs_of("carol", 4), image_features=features)
+    assert user.metadata.config["mode"] == "user" and user.metadata.config["user_id"] == "carol"
+    assert user.tensors[TOKENS_KEY].shape == (4, 32) and user.tensors[TOKENS_KEY].abs().sum() > 0
+    layers = [k for k in user.tensors if k.startswith("preference.layers.")]
+    assert layers and all(torch.equal(user.tensors[k], model.tensors[k]) for k in layers)
+
+    class OtherFeatures(JudgeFeatures):
+        name = "clip:/elsewhere"
+
+    with pytest.raises(InvalidInputError, match="reads images through"):
+        embed_user(model, pairs_of("carol", 4), image_features=OtherFeatures(JudgeNet()))
+    with pytest.raises(NotAvailableError, match="CLIP vision model"):
+        ClipVisionFeatures(None)
