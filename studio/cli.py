@@ -52,6 +52,9 @@ Handler = Callable[[argparse.Namespace, StudioHome], int]
 def _train(args: argparse.Namespace, home: StudioHome) -> int:
     if not args.resume and not args.name:
         raise InvalidInputError("expected --name NAME for the trained adapter (or --resume RUN), found neither")
+    if getattr(args, "queue", False):
+        # Queued runs are checked and stored now and trained by the background worker (studio.jobs).
+        return _entry("studio.jobs", "submit_from_cli", "studio train --queue")(args, home)
     run = _entry(TRAIN_METHODS[args.method], "train_from_cli", f"studio train {args.method}")
     return run(args, home)
 
