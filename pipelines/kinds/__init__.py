@@ -8,6 +8,7 @@
 
 # Built-in conditioning kinds register themselves on import, so the service finds them by the kind in a file.
 from pipelines.kinds import neti as _neti  # noqa: F401
+from pipelines.kinds import preference as _preference  # noqa: F401
 from pipelines.kinds.conditioning import (
     ConditioningKind,
     ConditioningRequest,
