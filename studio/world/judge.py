@@ -84,8 +84,10 @@ class JudgeNet(nn.Module):
                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
             )  # fmt: skip
 
+        # One cheap convolution at full resolution (where a CPU pays most), then double blocks.
+        stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
         self.features = nn.Sequential(
-            block(3, 32),
+            stem,
             nn.MaxPool2d(2),
             block(32, 64),
             nn.MaxPool2d(2),
@@ -145,6 +147,9 @@ def foreground_mask(image: Image.Image) -> np.ndarray:
     dominant = values[np.argsort(-counts)][:3]
     shares = np.sort(counts)[::-1][:3] / counts.sum()
     centres = [border[codes == v].mean(axis=0) for v, s in zip(dominant, shares, strict=False) if s > 0.12]
+    if not centres:
+        # A noisy border with no dominant colour: fall back to its most common one.
+        centres = [border[codes == dominant[0]].mean(axis=0)]
     distance = np.min(np.stack([np.linalg.norm(pixels - c, axis=-1) for c in centres]), axis=0)
     return distance > 60.0
 
@@ -332,7 +337,7 @@ def validate(judge: Judge, n: int, seed: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train and validate the shapes-world judge.")
     parser.add_argument("--out", type=Path, default=JUDGE_PATH)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validate-only", action="store_true")
