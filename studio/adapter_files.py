@@ -225,12 +225,12 @@ def save_adapter(path: str | os.PathLike[str], adapter: AdapterFile, *, overwrit
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; directories cannot be opened this way on Windows.
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside ``folder`` durable (POSIX); a no-op where directories cannot be synced (Windows)."""
     if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)

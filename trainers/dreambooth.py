@@ -642,8 +642,6 @@ def train_from_cli(args: Any, home: Any) -> int:
     the base model, train with a progress bar and print where the result is."""
     from studio.base_models import load_base_model
 
-    if getattr(args, "queue", False):
-        raise NotAvailableError("queueing a DreamBooth run is not available yet; run it without --queue")
     home.ensure()
     library = AdapterLibrary(home)
     flags = {key: value for key, value in (("token", args.token), ("class_noun", args.class_noun)) if value}

@@ -360,6 +360,23 @@ def _dpo_step(
     )
 
 
+def _optimise(
+    result: Any,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    max_grad_norm: float,
+    losses: list[float],
+    accuracies: list[float],
+) -> None:
+    """One optimiser step on a DPO result, recording its loss and implicit accuracy."""
+    optimizer.zero_grad(set_to_none=True)
+    result.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    losses.append(float(result.loss.detach()))
+    accuracies.append(result.accuracy)
+
+
 def _log_and_report(
     reporter: ProgressReporter, step: int, cfg: PreferenceConfig, losses: list[float], accuracies: list[float]
 ) -> None:
@@ -434,12 +451,7 @@ def train_user_preference(
         for step in range(1, cfg.steps + 1):
             rows = [rng.randrange(len(pairs)) for _ in range(cfg.batch_size)]
             result = _dpo_step(model, data, rows, tokens.unsqueeze(0).expand(len(rows), -1, -1), cfg, generator)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            losses.append(float(result.loss.detach()))
-            accuracies.append(result.accuracy)
+            _optimise(result, optimizer, params, cfg.max_grad_norm, losses, accuracies)
             _log_and_report(reporter, step, cfg, losses, accuracies)
         reporter.close()
     finally:
@@ -535,12 +547,7 @@ def train_population(
             context = torch.tensor(contexts)
             user_tokens = encoder(feat_preferred[context].to(model.device), feat_other[context].to(model.device))
             result = _dpo_step(model, data, rows, user_tokens[torch.tensor(owners)], cfg, generator)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            losses.append(float(result.loss.detach()))
-            accuracies.append(result.accuracy)
+            _optimise(result, optimizer, params, cfg.max_grad_norm, losses, accuracies)
             _log_and_report(reporter, step, cfg, losses, accuracies)
         reporter.close()
     finally:
@@ -636,8 +643,6 @@ def train_from_cli(args: Any, home: Any) -> int:
 
     if getattr(args, "resume", None):
         raise NotAvailableError("resuming preference training is not available; it takes minutes, start it again")
-    if getattr(args, "queue", False):
-        raise NotAvailableError("queueing a preference run is not available yet; run it without --queue")
     if not args.pairs:
         raise InvalidInputError("expected --pairs FILE_OR_DIR (Pick-a-Pic .parquet/.jsonl or a preferences folder)")
     cfg = load_config(PreferenceConfig, toml_path=args.config, overrides=args.set)

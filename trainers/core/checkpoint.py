@@ -40,6 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from studio.adapter_files import fsync_dir
 from studio.errors import CorruptFileError, InvalidInputError, UnsafeFileError
 from trainers.core.config import config_to_dict
 
@@ -122,17 +123,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes a rename durable on POSIX; Windows has no equivalent.
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _string_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
 
@@ -189,7 +179,7 @@ def save_checkpoint(
         files[name] = (tmp / name).stat().st_size
     (tmp / COMPLETE_FILE).write_text(json.dumps({"step": step, "files": files}))
     _fsync_file(tmp / COMPLETE_FILE)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         # Same step saved again (e.g. after a resume): move the old one aside first; the rename below is atomic.
         old = run_dir / f".checkpoint-{step}.old"
@@ -198,7 +188,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
     # 6. Only now that the new checkpoint is complete, delete older ones beyond `keep`.
     _prune(run_dir, keep)
