@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--core-weight", type=float, default=0.5, help="CoRe weight of the with-CoRe runs")
+    parser.add_argument("--core-weight", type=float, default=0.5, help="CoRe weight of the with-CoRe runs (0: none)")
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compose", action="store_true", help="also score tokens next to a second token and a LoRA")
@@ -76,7 +76,7 @@ def main() -> int:
 
     # 1. Train every variant: (vectors, CoRe weight).
     report: dict = {"concept": concept.name, "class_noun": concept.class_noun, "options": options, "variants": {}}
-    variants = [(int(n), core) for n in args.variants.split(",") for core in (0.0, args.core_weight)]
+    variants = [(int(n), core) for n in args.variants.split(",") for core in dict.fromkeys((0.0, args.core_weight))]
     for vectors, core in variants:
         name = f"ti-{vectors}v" + ("-core" if core else "")
         token = f"<{concept.name}-{vectors}v{'-core' if core else ''}>"
@@ -101,7 +101,7 @@ def main() -> int:
             within_budget=entry["train_wall_s"] <= BUDGET_S,
         )
 
-    # 3. Composition: a second concept's token and a DreamBooth LoRA active in the same requests.
+    # 3. Composition: a second concept's token and a DreamBooth LoRA of a third, all in the same requests.
     if args.compose:
         report["compose"] = _compose(args, concept, images, library, work, service, judge, report, options)
 
@@ -113,27 +113,55 @@ def main() -> int:
 
 
 def _compose(args, concept, images, library, work, service, judge, report, options) -> dict:
+    """Three concepts at once: this concept's 4-vector token, a second concept's token and a DreamBooth LoRA of a
+    third, all loaded in every request. Each is scored alone (only its own adapter), beside the other two (all three
+    loaded, a one-concept prompt), and in two-concept prompts ("a <A> and a <B> on a ... background", each concept
+    scored on its own object). The base model's two-object score (class nouns, no adapters) is the floor."""
+    from studio.demo import DEMO_TRAINING
+    from studio.world.evaluate import evaluate_concept_pair
     from trainers.dreambooth import DreamBoothConfig, train_dreambooth
 
+    main = max((e for e in report["variants"].items() if not e[1]["core_weight"]), key=lambda e: e[1]["vectors"])
     other = next(c for c in SHIPPED_CONCEPTS.values() if c.name != concept.name)
-    other_images = work / "other"
-    write_reference_folder(other, other_images)
-    _train(other, other_images, library, work, name="other-ti", token=f"<{other.name}>", num_vectors=4, **options)
-    lora_images = work / "lora"
     third = next(c for c in SHIPPED_CONCEPTS.values() if c.name not in (concept.name, other.name))
-    write_reference_folder(third, lora_images)
-    db = DreamBoothConfig(token="sks", class_noun=third.class_noun, steps=args.steps, checkpoint_every=0)
+    other_images, lora_images = work / "other", work / "lora"
+    write_reference_folder(other, other_images)
+    write_reference_folder(third, lora_images, with_captions=True)
+    _train(other, other_images, library, work, name="other-ti", token=f"<{other.name}>", num_vectors=4, **options)
+    db = DreamBoothConfig(token="sks", class_noun=third.class_noun, **DEMO_TRAINING)
     train_dreambooth(db, lora_images, load_base_model("tiny"), name="db-lora", library=library, run_dir=work / "db")
-    out = {}
-    for name, entry in report["variants"].items():
-        if entry["vectors"] != max(v["vectors"] for v in report["variants"].values()):
-            continue
-        refs = [AdapterRef(name), AdapterRef("other-ti"), AdapterRef("db-lora")]
-        score = evaluate_concept(service, concept, entry["token"], refs, steps=args.eval_steps, judge=judge)
-        out[name] = {
-            "solo_similarity": entry["similarity"],
-            "composed_similarity": round(score.similarity, 4),
-            "composed_background_compliance": round(score.background_compliance, 4),
+
+    members = {  # concept, prompt words, its adapter
+        concept.name: (concept, main[1]["token"], main[0]),
+        other.name: (other, f"<{other.name}>", "other-ti"),
+        third.name: (third, f"sks {third.class_noun}", "db-lora"),
+    }
+    everything = [AdapterRef(adapter) for _, _, adapter in members.values()]
+    out: dict = {"adapters": {name: adapter for name, (_, _, adapter) in members.items()}, "concepts": {}}
+    for name, (c, words, adapter) in members.items():
+        kw = {"steps": args.eval_steps, "judge": judge}
+        solo = evaluate_concept(service, c, words, [AdapterRef(adapter)], **kw)
+        together = evaluate_concept(service, c, words, everything, **kw)
+        out["concepts"][name] = {
+            "alone": round(solo.similarity, 4),
+            "all_three_loaded": round(together.similarity, 4),
+            "background_alone": round(solo.background_compliance, 4),
+            "background_all_three_loaded": round(together.background_compliance, 4),
+        }
+    names = list(members)
+    pairs = [(names[0], names[1]), (names[0], names[2]), (names[1], names[2])]
+    out["pairs"] = {}
+    for a, b in pairs:
+        (ca, wa, _), (cb, wb, _) = members[a], members[b]
+        kw = {"steps": args.eval_steps, "judge": judge}
+        base_a, base_b = evaluate_concept_pair(service, (ca, cb), (ca.class_noun, cb.class_noun), [], **kw)
+        score_a, score_b = evaluate_concept_pair(service, (ca, cb), (wa, wb), everything, **kw)
+        out["pairs"][f"{a} + {b}"] = {
+            "prompt": f"a {wa} and a {wb} on a <colour> background",
+            a: {"base_two_object": round(base_a.similarity, 4), "composed": round(score_a.similarity, 4)},
+            b: {"base_two_object": round(base_b.similarity, 4), "composed": round(score_b.similarity, 4)},
+            "background_compliance": round(score_a.background_compliance, 4),
+            "n": score_a.n,
         }
     return out
 

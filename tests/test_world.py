@@ -114,3 +114,25 @@ def test_judge_reads_held_out_renders():
     readings = judge.read([degrade(render(s), rng) for s in scenes])
     accuracy = np.mean([judge.complies(r, s) for r, s in zip(readings, scenes, strict=True)])
     assert accuracy > 0.9
+
+
+def test_two_concepts_in_one_image_are_scored_each_on_its_own_object() -> None:
+    from PIL import Image, ImageDraw
+
+    from studio.world.judge import object_concept_similarities
+
+    def picture(boxes: list[tuple[tuple[int, int, int, int], tuple[int, int, int]]]) -> Image.Image:
+        image = Image.new("RGB", (64, 64), (40, 40, 200))
+        draw = ImageDraw.Draw(image)
+        for box, colour in boxes:
+            draw.rectangle(box, fill=colour)
+        return image
+
+    red = picture([((20, 20, 40, 40), (220, 30, 30))])
+    yellow = picture([((10, 10, 30, 50), (230, 220, 40))])
+    both = picture([((2, 2, 20, 20), (220, 30, 30)), ((35, 10, 55, 50), (230, 220, 40))])
+    a, b = object_concept_similarities(both, [[red], [yellow]])
+    swapped = object_concept_similarities(both, [[yellow], [red]])
+    assert a > 0.8 and b > 0.8 and swapped == [b, a]
+    # One object for two concepts: the one it does not match gets nothing.
+    assert object_concept_similarities(red, [[red], [yellow]]) == [1.0, 0.0]

@@ -51,6 +51,48 @@ class ConceptScore:
         }
 
 
+def evaluate_concept_pair(
+    service: Any,
+    concepts: tuple[Concept, Concept],
+    prompt_tokens: tuple[str, str],
+    adapters: Sequence[AdapterRef] = (),
+    *,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    steps: int = 20,
+    guidance: float = 7.5,
+    judge: Judge | None = None,
+) -> tuple[ConceptScore, ConceptScore]:
+    """Generate ``a {token_a} and a {token_b} on a {bg} background`` and score each concept on its own object.
+
+    Backgrounds are new to both concepts. Each image's two largest foreground parts are assigned to the concepts
+    (`object_concept_similarities`); a concept whose object is missing or merged with the other scores 0 on that
+    image. Background compliance is the judge's reading of the whole image, shared by both scores.
+    """
+    from studio.world.judge import object_concept_similarities
+
+    judge = judge or Judge.load()
+    references = [reference_images(c) for c in concepts]
+    first = {bg for _, bg in new_context_prompts(concepts[0], "")}
+    backgrounds = [bg for _, bg in new_context_prompts(concepts[1], "") if bg in first]
+    sims: tuple[list[float], list[float]] = ([], [])
+    hits = 0
+    images: list[Image.Image] = []
+    for bg in backgrounds:
+        prompt = f"a {prompt_tokens[0]} and a {prompt_tokens[1]} on a {bg} background"
+        batch = _generate(service, prompt, seeds, adapters, steps, guidance)
+        for image, reading in zip(batch, judge.read(batch), strict=True):
+            a, b = object_concept_similarities(image, references)
+            sims[0].append(a)
+            sims[1].append(b)
+            hits += reading.background == bg
+        images.extend(batch)
+    n = len(images)
+    return tuple(  # type: ignore[return-value]
+        ConceptScore(similarity=sum(s) / max(1, n), background_compliance=hits / max(1, n), n=n, images=images)
+        for s in sims
+    )
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a proportion."""
     if n == 0:
