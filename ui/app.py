@@ -10,6 +10,7 @@ starts the job queue's worker in the background unless one already serves the st
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import subprocess
@@ -27,18 +28,25 @@ logger = logging.getLogger(__name__)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 PAGES = (("Generate", generate), ("Train", train), ("Library", library), ("Taste", taste))
+# Handlers import these on first use; Gradio runs the pages' load events in parallel threads, and a first import of
+# diffusers' lazy module from two threads at once fails ("cannot import name 'StableDiffusionPipeline'"), which
+# showed as "Error" in a page's components. Importing them before serving makes every later import a lookup.
+PRELOAD = ("studio.library", "studio.jobs", "pipelines.service", "pipelines.metadata", "pipelines.kinds")
 
 
 def build_app(home: StudioHome, *, base_model: str | None = None) -> gr.Blocks:
     """All pages as tabs of one app over ``home``; ``base_model`` (else ``$STUDIO_BASE_MODEL``, else ``tiny``) is
     the model generation uses."""
     context = PageContext.create(home, base_model)
+    for module in PRELOAD:
+        importlib.import_module(module)
     pages = [(title, module.build_page(context)) for title, module in PAGES]
     with gr.Blocks(title="Personalization Studio") as app:
         gr.Markdown(f"## Personalization Studio\nbase model: `{context.base_model}` · home: `{home.root}`")
         with gr.Tabs():
             for title, page in pages:
-                with gr.Tab(title):
+                # Stable ids let browser tests (and user CSS) address one page.
+                with gr.Tab(title, elem_id=f"page-{title.lower()}"):
                     page.render()
     return app
 

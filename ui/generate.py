@@ -157,10 +157,15 @@ def _number(value: Any, what: str, default: float | None = None) -> float:
 def build_page(context: PageContext) -> gr.Blocks:
     """The Generate page, runnable alone (``build_page(ctx).launch()``) or rendered into the app."""
     with gr.Blocks(title="Generate") as page:
+        # The prompt and its button span the top, so "Generate" is on screen without scrolling (1280x800).
         with gr.Row():
-            with gr.Column(scale=2):
+            with gr.Column(scale=5):
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a photo of <my-toy> on a beach")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
+            with gr.Column(scale=1, min_width=160):
+                run = gr.Button("Generate", variant="primary", size="lg")
+        with gr.Row():
+            with gr.Column(scale=2):
                 with gr.Row():
                     seed = gr.Number(label="Seed (-1: random)", value=0, precision=0)
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
@@ -182,9 +187,17 @@ def build_page(context: PageContext) -> gr.Blocks:
                         interactive=True,
                     )
                     refresh = gr.Button("Refresh adapter list", size="sm")
-                run = gr.Button("Generate", variant="primary")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Images", columns=2, height=480)
+                # Two columns even for one image: a one-column grid makes a square as wide as the box and taller than
+                # it, cut off at the bottom. Two images show whole; more scroll inside the box.
+                gallery = gr.Gallery(
+                    label="Images",
+                    columns=2,
+                    fit_columns=False,
+                    height=420,
+                    object_fit="contain",
+                    elem_id="generate-gallery",
+                )
                 note = gr.Textbox(label="Details", interactive=False, lines=2)
 
         # -- wiring

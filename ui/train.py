@@ -166,24 +166,28 @@ def build_page(context: PageContext) -> gr.Blocks:
     with gr.Blocks(title="Train") as page:
         with gr.Row():
             with gr.Column(scale=2):
+                # A short drop zone and the rarely changed options folded keep "Queue training" on screen at 1280x800.
                 files = gr.File(
                     label="Training images (and .txt captions with the same names)",
                     file_count="multiple",
                     file_types=["image", ".txt"],
+                    height=140,
+                    elem_id="train-images",
                 )
                 method = gr.Radio(methods, value=methods[0] if methods else None, label="Method")
-                name = gr.Textbox(label="Adapter name", placeholder="my-toy")
+                with gr.Row():
+                    name = gr.Textbox(label="Adapter name", placeholder="my-toy", scale=2)
+                    steps = gr.Number(label="Steps", value=500, precision=0, scale=1)
                 with gr.Row():
                     token = gr.Textbox(label="Trigger word / placeholder token", placeholder="<my-toy>")
                     word = gr.Textbox(label="Init word / class noun / super-category", placeholder="toy")
-                with gr.Row():
-                    steps = gr.Number(label="Steps", value=500, precision=0)
-                    lr = gr.Number(label="Learning rate (0: method default)", value=0)
                 with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        lr = gr.Number(label="Learning rate (0: method default)", value=0)
+                        seed = gr.Number(label="Seed", value=0, precision=0)
                     with gr.Row():
                         num_vectors = gr.Number(label="Vectors per token (textual inversion)", value=1, precision=0)
                         rank = gr.Number(label="LoRA rank (DreamBooth)", value=4, precision=0)
-                        seed = gr.Number(label="Seed", value=0, precision=0)
                     overrides = gr.Textbox(label="More options, one key=value per line", lines=3)
                 submit_button = gr.Button("Queue training", variant="primary")
                 status = gr.Textbox(label="Status", interactive=False)
@@ -195,7 +199,7 @@ def build_page(context: PageContext) -> gr.Blocks:
                     resume = gr.Button("Resume job", scale=1)
                 progress = gr.Textbox(label="Progress", interactive=False, lines=2)
                 curve = gr.LinePlot(x="step", y="loss", label="Loss", height=220)
-                samples = gr.Gallery(label="Samples", columns=4, height=200)
+                samples = gr.Gallery(label="Samples", columns=4, fit_columns=False, height=200, object_fit="contain")
         timer = gr.Timer(POLL_SECONDS)
 
         # -- wiring
@@ -219,7 +223,13 @@ def build_page(context: PageContext) -> gr.Blocks:
 
         # For scripts and tests: one job's state as JSON, without the page.
         def job_state(job_id: str) -> dict:
-            return JobStore(context.home).get(_job_id(job_id)).to_dict()
+            info = JobStore(context.home).get(_job_id(job_id)).to_dict()
+            # Gradio takes any dict with a "path" key for a file to serve, and the library is not served (a client
+            # then fails with 403): the adapter's path travels under another key.
+            outputs = dict(info["outputs"])
+            if "path" in outputs:
+                outputs["adapter_path"] = outputs.pop("path")
+            return {**info, "outputs": outputs}
 
         gr.api(user_errors(job_state), api_name="job")
     return page
