@@ -120,9 +120,14 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, help="a trained NeTI file for the base model (default: random)")
     parser.add_argument("--gpu", action="store_true", help="use CUDA when available")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-design baseline")
+    parser.add_argument("--images", type=int, default=1, help="images (seeds) per request")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: CPU time then counts work, not spinning)"
+    )
     args = parser.parse_args()
 
     device = "cuda" if args.gpu and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(args.threads)
     base = load_base()
     folder = Path(tempfile.mkdtemp(prefix="bench-neti-"))
     if args.adapter is not None:
@@ -141,7 +146,13 @@ def main() -> None:
 
     def request(prompt: str, neti: bool) -> GenerationRequest:
         adapters = [AdapterRef(NAME)] if neti else []
-        return GenerationRequest(prompt=prompt, seeds=[1], steps=args.steps, guidance=args.guidance, adapters=adapters)
+        return GenerationRequest(
+            prompt=prompt,
+            seeds=list(range(1, args.images + 1)),
+            steps=args.steps,
+            guidance=args.guidance,
+            adapters=adapters,
+        )
 
     warm_prompt = f"a {token} on a blue background"
     service.generate(request(warm_prompt, True))  # load the adapter, fill the warm cache, warm up kernels
@@ -163,7 +174,8 @@ def main() -> None:
     unit = "wall s" if cuda else "CPU s"
     print(
         f"base model: {base.name} ({base.family.label}, {layers} cross-attention layers), device {device}, "
-        f"{args.steps} steps, guidance {args.guidance}, {args.rounds} rounds"
+        f"{args.steps} steps, guidance {args.guidance}, {args.images} image(s) per request, {args.rounds} rounds, "
+        f"{torch.get_num_threads()} thread(s)"
     )
     print(f"{'row':<14}{'median ' + unit:>14}{'x base':>9}  text-encoder calls per image")
     calls = {
