@@ -112,9 +112,19 @@ def _open(page, title: str):
 
 
 def _settle(page) -> None:
-    """Wait until no component shows Gradio's 'processing' overlay (page loads, timers)."""
-    page.wait_for_function("!document.querySelector('.wrap.default:not(.hide) .progress-text')", timeout=60_000)
+    """Wait until no component shows Gradio's "processing" or queue overlay (page loads, refreshes)."""
+    page.wait_for_function(
+        "![...document.querySelectorAll('[data-testid=status-tracker]')]"
+        ".some(e => !e.classList.contains('hide') && /processing|queue/.test(e.textContent))",
+        timeout=60_000,
+    )
     page.wait_for_timeout(300)
+
+
+def _no_failed_component(page) -> None:
+    """No component shows Gradio's red "Error" badge: a handler that raised something other than a user error."""
+    failed = page.locator("[data-testid=status-tracker] .error")
+    assert failed.count() == 0, f"{failed.count()} component(s) show 'Error'; see the server log"
 
 
 def _textbox(panel, label: str):
@@ -189,6 +199,7 @@ def test_train_a_shipped_concept_watch_it_finish_and_generate_with_it(page, serv
     details = _textbox(generate, "Details")
     page.wait_for_function("el => el.value.includes('image(s)')", arg=details.element_handle())
     assert "Traceback" not in page.inner_text("body")
+    _no_failed_component(page)
     page.screenshot(path=artifacts / "gallery.png", full_page=True)
     [saved] = sorted(server.home.outputs.rglob("*.png"))
     metadata = read_png_metadata(saved)
@@ -201,6 +212,7 @@ def test_each_page_fits_a_1280x800_window_with_its_main_buttons_reachable(page, 
     _open(page, title)
     _settle(page)
     page.screenshot(path=artifacts / f"{title.lower()}.png", full_page=True)
+    _no_failed_component(page)
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= VIEWPORT["width"], f"the {title} page scrolls sideways: {width}px wide"
     for name in MAIN_BUTTONS[title]:
