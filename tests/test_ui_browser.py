@@ -131,10 +131,6 @@ def _textbox(panel, label: str):
     return panel.get_by_label(label, exact=True)
 
 
-def _toast_texts(page) -> list[str]:
-    return page.locator("[data-testid=toast-text]").all_inner_texts()
-
-
 def _close_toasts(page) -> None:
     for button in page.locator("[data-testid=toast-close]").all():
         button.click()
