@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipelines import AdapterRef, GenerationRequest, PipelineService
 from studio.base_models import BaseModel
-from studio.errors import AlreadyExistsError, InvalidInputError, NotAvailableError, StudioError
+from studio.errors import AlreadyExistsError, InvalidInputError, StudioError
 from studio.library import AdapterLibrary
 from studio.world.concepts import SHIPPED_CONCEPTS, write_reference_folder
 from trainers.core.config import load_config
@@ -52,8 +52,9 @@ def test_config_is_strict_and_derives_defaults_in_one_place(tiny_sd1_pipe):
         _config("lr=nan")
     with pytest.raises(InvalidInputError, match="class_noun"):
         load_config(DreamBoothConfig)
-    with pytest.raises(NotAvailableError, match="single-file"):
-        _config("mode=full", "single_file=true")
+    with pytest.raises(InvalidInputError, match="'single_file' applies to mode 'full' only"):
+        _config("single_file=true")
+    assert _config("mode=full", "single_file=true").single_file
     base = _base(tiny_sd1_pipe)
     lora = load_config(DreamBoothConfig, values={"class_noun": "dog"}, overrides=["rank=8"]).resolve(base)
     assert (lora.alpha, lora.lr, lora.resolution) == (8.0, 1e-4, 64)

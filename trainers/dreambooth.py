@@ -15,7 +15,8 @@ Distributed runs (``accelerate launch --num_processes N``): every process draws 
 gradients, so N processes give the result of one process with the same ``batch_size`` (it must divide by N).
 
 Full mode trains the base model's own U-Net (and text encoder) in place and saves a diffusers folder under
-``<home>/models/<name>``. A single-file checkpoint export is not available yet (``single_file = true`` is refused).
+``<home>/models/<name>``; with ``single_file = true`` that folder also holds ``<name>.safetensors``, the same model as
+one original-layout checkpoint for AUTOMATIC1111/ComfyUI (`studio.single_file`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from diffusers.training_utils import cast_training_params
 
 from pipelines.service import PipelineService
 from studio.adapter_files import AdapterFile, AdapterMetadata, utc_now
-from studio.errors import AlreadyExistsError, InvalidInputError, NotAvailableError
+from studio.errors import AlreadyExistsError, InvalidInputError
 from studio.library import AdapterInfo, AdapterLibrary, sanitize_name
+from studio.single_file import save_single_file
 from trainers.core.caching import TensorCache, cache_latents, cache_text_embeddings
 from trainers.core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from trainers.core.class_images import class_images
@@ -114,7 +116,7 @@ class DreamBoothConfig:
     checkpoint_every: int = 100  # 0: no checkpoints
     keep_checkpoints: int = 1
     cache_latents: bool = True
-    single_file: bool = False  # full mode: also write a single-file checkpoint (not available yet)
+    single_file: bool = False  # full mode: also write <name>.safetensors, one A1111/ComfyUI checkpoint
 
     def validate(self) -> None:
         """Ranges and combinations; called by the config loader."""
@@ -132,10 +134,6 @@ class DreamBoothConfig:
             _fill(getattr(self, key), self, key)
         if self.single_file and self.mode != "full":
             raise InvalidInputError("config key 'single_file' applies to mode 'full' only")
-        if self.single_file:
-            raise NotAvailableError(
-                "single-file checkpoint export is not available yet; full fine-tunes are saved as a diffusers folder"
-            )
 
     def resolve(self, base: Any) -> DreamBoothConfig:
         """The effective config for a base model: every ``None`` replaced by its derived value (saved with outputs)."""
@@ -610,11 +608,22 @@ def _sample(pipe: Any, cfg: DreamBoothConfig, folder: Path, step: int) -> list[P
 
 
 def _save_full(pipe: Any, target: Path, info: dict[str, Any]) -> None:
-    """Write the pipeline as a diffusers folder, atomically (built beside the target, then renamed)."""
+    """Write the pipeline as a diffusers folder, atomically (built beside the target, then renamed); with
+    ``single_file`` in ``info`` the folder also gets ``<name>.safetensors``, the original-layout checkpoint."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     (tmp / "studio_model.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    if info.get("single_file"):
+        # Written inside the folder before the rename, so the model appears with both files or not at all.
+        config = {key: value for key, value in info.items() if key not in ("base_model", "base_fingerprint")}
+        metadata = {
+            "studio.base_model": str(info["base_model"]),
+            "studio.base_fingerprint": str(info["base_fingerprint"]),
+            "studio.config": json.dumps(config, sort_keys=True, default=str),
+            "modelspec.title": target.name,
+        }
+        save_single_file(pipe, tmp / f"{target.name}.safetensors", metadata)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
 
