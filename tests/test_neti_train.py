@@ -90,3 +90,25 @@ def test_cli_trains_into_the_library(images, home, monkeypatch):
     args.token, args.name = "toy", "other"
     with pytest.raises(InvalidInputError, match="placeholder_token"):
         train_from_cli(args, home)
+
+
+def test_training_noise_matches_the_timestep_whatever_the_pipeline_scheduler(images, monkeypatch):
+    """Regression: with DPMSolverMultistep as the pipeline's scheduler, its add_noise gave timestep t the noise of
+    999 - t (or of the grid's last step after a generation); training noise must follow the DDPM schedule."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    pipe = build_tiny_sd1_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(3)  # as after a generation
+    monkeypatch.setattr("trainers.core.noise.sample_noise", lambda latents, generator: torch.ones_like(latents))
+    monkeypatch.setattr("trainers.neti._load_latents", lambda *args: torch.zeros(2, 4, 4, 4))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append((args[0].detach(), args[1])))
+    try:
+        train_neti(_config("steps=2", "batch_size=2"), BaseModel.from_pipeline(pipe, "tiny-random"), images)
+    finally:
+        hook.remove()
+    alphas = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    for noisy, timesteps in seen:
+        expected = (1 - alphas[timesteps]).sqrt()  # clean latents 0, noise 1: the noisy latent is sigma_t
+        assert torch.allclose(noisy.flatten(1).mean(dim=1), expected, atol=1e-5), (timesteps, expected)

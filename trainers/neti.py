@@ -555,6 +555,8 @@ def train_neti(
 
     >>> adapter = train_neti(cfg, load_base_model("tiny"), "photos/", run_dir="runs/toy")  # doctest: +SKIP
     """
+    from diffusers import DDPMScheduler
+
     from pipelines.kinds.conditioning import install_conditioning
     from trainers.core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
     from trainers.core.conditioning import POOLED_EMBEDS, PROMPT_EMBEDS, needs_added_conditioning, unet_inputs
@@ -595,7 +597,11 @@ def train_neti(
         logger.info("resuming NeTI training from %s (step %d)", checkpoint, start_step)
 
     # 3. The loop: one batched text-encoder call per step for all B x n_layers conditionings.
-    scheduler = pipeline.scheduler
+    # Noise comes from a DDPM scheduler built from the pipeline's config, as in the other trainers. The pipeline's
+    # own scheduler is an inference scheduler: DPMSolverMultistep's add_noise looks the timestep up in its current
+    # grid (reversed, or the last entry for a timestep off the grid), so the latents would carry another timestep's
+    # noise level than the one the U-Net and the mapper are given.
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     templates = templates_for(config.learnable_property)
     n_layers = len(layer_names)
     layers = torch.arange(n_layers, device=device, dtype=torch.float32)
