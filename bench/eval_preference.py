@@ -8,9 +8,15 @@ For each held-out simulated user (`studio.world.users.random_user` with seeds no
    many other simulated users once, then embeds the held-out user from 4 pairs without training; ``attributes`` mode
    types in the user's liked/disliked attributes (what the user would say about their taste: the features its
    hidden weights favour, in the world's words) and applies ViPer guidance.
-3. Held-out prompts (combinations the base never saw) and seeds: the same seed with and without the preference; the
-   user's score (through the judge) decides each comparison (a tie counts half). Prompt compliance (the judge finds
-   the prompt's shape, colour and background) is measured with and without.
+3. Held-out prompts and seeds: the same seed with and without the preference; the user's score (through the judge)
+   decides each comparison (a tie counts half). Prompt compliance (the judge finds what the prompt's own words ask
+   for: its shape, and its colour and background where it names them) is measured with and without.
+
+Prompts are "open" by default, as people's prompts are: they name the shape and leave the colour, the background or
+both to the model ("a circle", "a red circle", "a circle on a blue background"), so a taste has room to show without
+disobeying the prompt. Evaluation prompts are built from held-out (shape, colour, background) combinations, and their
+seeds are never used for training pairs. ``--prompt-style full`` names everything instead (then only the object's
+size is left to taste, and most users' comparisons are ties).
 
 Prints per-user lines and the pooled win rate with its 95% Wilson interval. Targets (issue 8): user mode >= 76%,
 population mode >= 70%, compliance drop <= 5 points.
@@ -35,6 +41,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dataclasses import replace  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -134,12 +142,47 @@ class Setup:
         return [self._readings[id(image)] for image in images]
 
 
+OPEN_STYLES = ("bare", "no_colour", "no_background")
+
+
+def with_style(scene: Scene, style: str, rng: random.Random) -> Scene:
+    """The scene captioned in ``style``: ``open`` picks one of the styles that leave colour or background open."""
+    return replace(scene, caption_style=rng.choice(OPEN_STYLES) if style == "open" else style)
+
+
+def complies_with_words(judge: Judge, reading: Reading, scene: Scene) -> bool:
+    """Whether the judge finds what the prompt's own words ask for (an open prompt's unnamed parts are free)."""
+    obj = scene.objects[0]
+    if reading.shape != obj.shape:
+        return False
+    if scene.caption_style in ("bare", "no_colour", "no_background"):
+        colour_ok = scene.caption_style in ("bare", "no_colour") or reading.colour == obj.colour
+        background_ok = scene.caption_style in ("bare", "no_background") or reading.background == scene.background
+        return colour_ok and background_ok
+    return judge.complies(reading, scene)
+
+
+def evaluation_scenes(count: int, style: str) -> list[Scene]:
+    """``count`` held-out scenes with distinct captions in ``style``."""
+    rng = random.Random("preference-eval-styles")
+    scenes, seen = [], set()
+    for scene in held_out_scenes(count * 8, seed=7):
+        scene = with_style(scene, style, rng)
+        if caption_for(scene) not in seen:
+            seen.add(caption_for(scene))
+            scenes.append(scene)
+        if len(scenes) == count:
+            break
+    return scenes
+
+
 def training_pool(setup: Setup, count: int, seed: int) -> list[tuple[str, Image.Image, Image.Image]]:
-    """``count`` training prompts (the base's own training distribution), each drawn with two seeds."""
+    """``count`` training prompts (the base's own training distribution, in the prompt style), two seeds each."""
     rng = random.Random(f"preference-pool:{seed}")
     pool = []
     for index in range(count):
-        prompt = caption_for(random_scene(rng, two_object_prob=0.0, class_prob=0.0))
+        scene = random_scene(rng, two_object_prob=0.0, class_prob=0.0)
+        prompt = caption_for(with_style(scene, setup.args.prompt_style, rng))
         first, second = setup.generate(prompt, [seed * 100_000 + 2 * index, seed * 100_000 + 2 * index + 1])
         pool.append((prompt, first, second))
     return pool
@@ -170,8 +213,8 @@ def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef, scenes: Sequ
             wins += pref_score > base_score
             ties += pref_score == base_score
             n += 1
-            comply_base += setup.judge.complies(base_reading, scene)
-            comply_pref += setup.judge.complies(pref_reading, scene)
+            comply_base += complies_with_words(setup.judge, base_reading, scene)
+            comply_pref += complies_with_words(setup.judge, pref_reading, scene)
     # A tie is half a win: a preference that changes nothing scores 50%.
     successes = wins + ties // 2
     return {
@@ -196,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-prompts", type=int, default=48, help="population mode: pool prompts")
     parser.add_argument("--prompts", type=int, default=24, help="held-out evaluation prompts")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--prompt-style", choices=("open", "full"), default="open", help="see the module docstring")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="PreferenceConfig override")
@@ -209,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     setup = Setup(args)
     users = [random_user(int(seed)) for seed in args.users.split(",")]
-    scenes = held_out_scenes(args.prompts, seed=7)
+    scenes = evaluation_scenes(args.prompts, args.prompt_style)
     mode = [f"mode={args.mode}"] if args.mode != "attributes" else []
     config = load_config(PreferenceConfig, overrides=[*args.set, *mode])
     family = setup.base.family.name
