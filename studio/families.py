@@ -82,7 +82,7 @@ _COMPOUND_NAMES = frozenset(
 _MAX_COMPOUND_PARTS = max(len(name.split("_")) for name in _COMPOUND_NAMES)
 
 # Inside a resnet block: diffusers name <-> SGM name.
-_RESNET_TO_SGM = {
+UNET_RESNET_TO_SGM = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
@@ -90,10 +90,10 @@ _RESNET_TO_SGM = {
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
-_SGM_TO_RESNET = {sgm.replace(".", "_"): diffusers for diffusers, sgm in _RESNET_TO_SGM.items()}
+_SGM_TO_RESNET = {sgm.replace(".", "_"): diffusers for diffusers, sgm in UNET_RESNET_TO_SGM.items()}
 
 # Modules outside the block structure: diffusers path <-> SGM path.
-_TOP_LEVEL_TO_SGM = {
+UNET_TOP_LEVEL_TO_SGM = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
@@ -102,7 +102,7 @@ _TOP_LEVEL_TO_SGM = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
-_SGM_TO_TOP_LEVEL = {sgm.replace(".", "_"): diffusers for diffusers, sgm in _TOP_LEVEL_TO_SGM.items()}
+_SGM_TO_TOP_LEVEL = {sgm.replace(".", "_"): diffusers for diffusers, sgm in UNET_TOP_LEVEL_TO_SGM.items()}
 
 
 def _underscores_to_path(name: str) -> str:
@@ -131,16 +131,16 @@ def _bad_unet_key(key: str, family_label: str) -> InvalidInputError:
 
 def _diffusers_to_sgm(path: str, layers_per_block: int) -> str:
     """Diffusers U-Net module path -> SGM module path (dotted)."""
-    if path in _TOP_LEVEL_TO_SGM:
-        return _TOP_LEVEL_TO_SGM[path]
+    if path in UNET_TOP_LEVEL_TO_SGM:
+        return UNET_TOP_LEVEL_TO_SGM[path]
     parts = path.split(".")
     stride = layers_per_block + 1
 
     def resnet_inner(rest: list[str]) -> str:
         inner = ".".join(rest)
-        if inner not in _RESNET_TO_SGM:
+        if inner not in UNET_RESNET_TO_SGM:
             raise _bad_unet_key(path, "SDXL")
-        return _RESNET_TO_SGM[inner]
+        return UNET_RESNET_TO_SGM[inner]
 
     if len(parts) >= 4 and parts[0] in ("down_blocks", "up_blocks") and parts[1].isdigit() and parts[3].isdigit():
         block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]

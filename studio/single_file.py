@@ -38,7 +38,14 @@ import torch
 
 from studio.adapter_files import check_finite, fsync_dir, utc_now
 from studio.errors import InvalidInputError, NotAvailableError
-from studio.families import PEFT_ADAPTER_PARTS, ModelFamily, canonical_text_path, detect_family
+from studio.families import (
+    PEFT_ADAPTER_PARTS,
+    UNET_RESNET_TO_SGM,
+    UNET_TOP_LEVEL_TO_SGM,
+    ModelFamily,
+    canonical_text_path,
+    detect_family,
+)
 
 __all__ = ["LDM_UNET_PREFIX", "LDM_VAE_PREFIX", "checkpoint_state_dict", "save_single_file"]
 
@@ -56,25 +63,12 @@ _TEXT_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "sdxl": (("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "open_clip")),
 }
 
-# Inside a U-Net resnet: diffusers name -> LDM name.
-_UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-# U-Net modules outside the block structure.
+# U-Net modules outside the block structure: the SGM names that LoRA key naming uses too, plus the class embedding,
+# which the original layout keeps under ``label_emb`` as well.
 _UNET_TOP_LEVEL = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's micro-conditioning embedding
-    "add_embedding.linear_2": "label_emb.0.2",
+    **UNET_TOP_LEVEL_TO_SGM,
     "class_embedding.linear_1": "label_emb.0.0",
     "class_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
 }
 # Inside a VAE resnet only the shortcut is named differently; inside the VAE mid-block attention every projection is.
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -241,7 +235,6 @@ def _apply_rules(key: str, rules: _Rules, what: str) -> str:
 
 def _unet_rules(unet: Any) -> _Rules:
     rules: _Rules = {f"{name}.": (f"{ldm}.", {}) for name, ldm in _UNET_TOP_LEVEL.items()}
-    rules["conv_in."] = ("input_blocks.0.0.", {})
     if getattr(unet, "mid_block", None) is None or not hasattr(unet.mid_block, "attentions"):
         raise NotAvailableError("single-file export of a U-Net whose mid block has no attention is not available yet")
 
@@ -249,7 +242,7 @@ def _unet_rules(unet: Any) -> _Rules:
     number = 1
     for level, block in enumerate(unet.down_blocks):
         for index in range(len(block.resnets)):
-            rules[f"down_blocks.{level}.resnets.{index}."] = (f"input_blocks.{number}.0.", _UNET_RESNET)
+            rules[f"down_blocks.{level}.resnets.{index}."] = (f"input_blocks.{number}.0.", UNET_RESNET_TO_SGM)
             if getattr(block, "attentions", None) is not None:
                 rules[f"down_blocks.{level}.attentions.{index}."] = (f"input_blocks.{number}.1.", {})
             number += 1
@@ -258,16 +251,16 @@ def _unet_rules(unet: Any) -> _Rules:
             number += 1
 
     # 2. Middle block: resnet, attention, resnet.
-    rules["mid_block.resnets.0."] = ("middle_block.0.", _UNET_RESNET)
+    rules["mid_block.resnets.0."] = ("middle_block.0.", UNET_RESNET_TO_SGM)
     rules["mid_block.attentions.0."] = ("middle_block.1.", {})
-    rules["mid_block.resnets.1."] = ("middle_block.2.", _UNET_RESNET)
+    rules["mid_block.resnets.1."] = ("middle_block.2.", UNET_RESNET_TO_SGM)
 
     # 3. Output blocks: one per up-block layer; a level's up-sampler joins its last layer, after the attention if any.
     number = 0
     for level, block in enumerate(unet.up_blocks):
         has_attention = getattr(block, "attentions", None) is not None
         for index in range(len(block.resnets)):
-            rules[f"up_blocks.{level}.resnets.{index}."] = (f"output_blocks.{number}.0.", _UNET_RESNET)
+            rules[f"up_blocks.{level}.resnets.{index}."] = (f"output_blocks.{number}.0.", UNET_RESNET_TO_SGM)
             if has_attention:
                 rules[f"up_blocks.{level}.attentions.{index}."] = (f"output_blocks.{number}.1.", {})
             number += 1

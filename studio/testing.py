@@ -99,7 +99,8 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _text_config(hidden_size: int, hidden_act: str, projection_dim: int | None = None) -> CLIPTextConfig:
+def tiny_text_config(hidden_size: int, hidden_act: str, projection_dim: int | None = None) -> CLIPTextConfig:
+    """The small random CLIP text-encoder config of the tiny test pipelines (``hidden_size`` wide, 2 layers)."""
     kwargs: dict[str, Any] = {}
     if projection_dim is not None:
         kwargs["projection_dim"] = projection_dim
@@ -142,7 +143,7 @@ def build_tiny_sd1_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             attention_head_dim=8,
         )
         vae = _vae()
-        text_encoder = CLIPTextModel(_text_config(32, "quick_gelu"))
+        text_encoder = CLIPTextModel(tiny_text_config(32, "quick_gelu"))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -188,8 +189,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
             norm_num_groups=1,
         )
         vae = _vae()
-        text_encoder = CLIPTextModel(_text_config(32, "quick_gelu"))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, "gelu", projection_dim=32))
+        text_encoder = CLIPTextModel(tiny_text_config(32, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(32, "gelu", projection_dim=32))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

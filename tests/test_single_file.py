@@ -16,13 +16,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
 from studio.base_models import load_base_model
 from studio.errors import InvalidInputError
 from studio.families import SD2
 from studio.single_file import save_single_file
-from studio.testing import CLIP_BOS_TOKEN_ID, CLIP_EOS_TOKEN_ID, CLIP_VOCAB_SIZE, build_tiny_sdxl_pipeline
+from studio.testing import build_tiny_sdxl_pipeline, tiny_text_config
 from studio.testing import tiny_model_path as shipped_tiny_path
 from trainers.core.lora import inject_lora
 
@@ -115,21 +115,7 @@ def _sdxl_with_distinct_encoder_widths():
     base = build_tiny_sdxl_pipeline()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=CLIP_VOCAB_SIZE,
-                bos_token_id=CLIP_BOS_TOKEN_ID,
-                eos_token_id=CLIP_EOS_TOKEN_ID,
-                pad_token_id=CLIP_EOS_TOKEN_ID,
-                hidden_size=48,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=77,
-                hidden_act="gelu",
-                projection_dim=40,
-            )
-        )
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(48, "gelu", projection_dim=40))
         unet = UNet2DConditionModel.from_config(
             base.unet.config, cross_attention_dim=32 + 48, projection_class_embeddings_input_dim=6 * 8 + 40
         )
