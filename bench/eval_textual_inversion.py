@@ -137,9 +137,9 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
         third.name: (third, f"sks {third.class_noun}", "db-lora"),
     }
     everything = [AdapterRef(adapter) for _, _, adapter in members.values()]
+    kw = {"steps": args.eval_steps, "judge": judge}
     out: dict = {"adapters": {name: adapter for name, (_, _, adapter) in members.items()}, "concepts": {}}
     for name, (c, words, adapter) in members.items():
-        kw = {"steps": args.eval_steps, "judge": judge}
         solo = evaluate_concept(service, c, words, [AdapterRef(adapter)], **kw)
         together = evaluate_concept(service, c, words, everything, **kw)
         out["concepts"][name] = {
@@ -153,7 +153,6 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
     out["pairs"] = {}
     for a, b in pairs:
         (ca, wa, _), (cb, wb, _) = members[a], members[b]
-        kw = {"steps": args.eval_steps, "judge": judge}
         base_a, base_b = evaluate_concept_pair(service, (ca, cb), (ca.class_noun, cb.class_noun), [], **kw)
         score_a, score_b = evaluate_concept_pair(service, (ca, cb), (wa, wb), everything, **kw)
         out["pairs"][f"{a} + {b}"] = {

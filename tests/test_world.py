@@ -131,8 +131,8 @@ def test_two_concepts_in_one_image_are_scored_each_on_its_own_object() -> None:
     red = picture([((20, 20, 40, 40), (220, 30, 30))])
     yellow = picture([((10, 10, 30, 50), (230, 220, 40))])
     both = picture([((2, 2, 20, 20), (220, 30, 30)), ((35, 10, 55, 50), (230, 220, 40))])
-    a, b = object_concept_similarities(both, [[red], [yellow]])
-    swapped = object_concept_similarities(both, [[yellow], [red]])
+    [[a, b]] = object_concept_similarities([both], [[red], [yellow]])
+    [swapped] = object_concept_similarities([both], [[yellow], [red]])
     assert a > 0.8 and b > 0.8 and swapped == [b, a]
     # One object for two concepts: the one it does not match gets nothing.
-    assert object_concept_similarities(red, [[red], [yellow]]) == [1.0, 0.0]
+    assert object_concept_similarities([red], [[red], [yellow]]) == [[1.0, 0.0]]

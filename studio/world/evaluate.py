@@ -80,8 +80,8 @@ def evaluate_concept_pair(
     for bg in backgrounds:
         prompt = f"a {prompt_tokens[0]} and a {prompt_tokens[1]} on a {bg} background"
         batch = _generate(service, prompt, seeds, adapters, steps, guidance)
-        for image, reading in zip(batch, judge.read(batch), strict=True):
-            a, b = object_concept_similarities(image, references)
+        scores = object_concept_similarities(batch, references)
+        for (a, b), reading in zip(scores, judge.read(batch), strict=True):
             sims[0].append(a)
             sims[1].append(b)
             hits += reading.background == bg

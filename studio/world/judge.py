@@ -157,50 +157,52 @@ def foreground_mask(image: Image.Image) -> np.ndarray:
 def object_masks(image: Image.Image, max_objects: int = 2, min_pixels: int = 6) -> list[np.ndarray]:
     """The foreground split into its connected parts (8-neighbourhood), largest first, at most ``max_objects``."""
     mask = foreground_mask(image)
-    labels = np.zeros(mask.shape, dtype=np.int32)
+    seen = np.zeros(mask.shape, dtype=bool)
     h, w = mask.shape
     parts: list[np.ndarray] = []
     for y0, x0 in zip(*np.nonzero(mask), strict=True):
-        if labels[y0, x0]:
+        if seen[y0, x0]:
             continue
-        label = len(parts) + 1
-        labels[y0, x0] = label
-        stack, pixels = [(y0, x0)], []
+        seen[y0, x0] = True
+        part = np.zeros(mask.shape, dtype=bool)
+        stack = [(y0, x0)]
         while stack:
             y, x = stack.pop()
-            pixels.append((y, x))
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    ny, nx = y + dy, x + dx
-                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
-                        labels[ny, nx] = label
+            part[y, x] = True
+            for ny in range(max(0, y - 1), min(h, y + 2)):
+                for nx in range(max(0, x - 1), min(w, x + 2)):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
                         stack.append((ny, nx))
-        part = np.zeros(mask.shape, dtype=bool)
-        part[tuple(np.array(pixels).T)] = True
-        parts.append(part)
-    parts = [p for p in parts if p.sum() >= min_pixels]
+        if part.sum() >= min_pixels:
+            parts.append(part)
     return sorted(parts, key=lambda p: -int(p.sum()))[:max_objects]
 
 
-def object_concept_similarities(image: Image.Image, references: Sequence[Sequence[Image.Image]]) -> list[float]:
-    """For an image meant to show one object per concept: each concept's similarity to the object assigned to it.
+def object_concept_similarities(
+    images: Sequence[Image.Image], references: Sequence[Sequence[Image.Image]]
+) -> list[list[float]]:
+    """For images meant to show one object per concept: per image, each concept's similarity to its own object.
 
-    Objects are the image's connected foreground parts; each goes to at most one concept, choosing the assignment
+    Objects are an image's connected foreground parts; each goes to at most one concept, choosing the assignment
     with the highest total similarity. A concept left without an object (too few parts: missing or merged) scores 0.
     """
     from itertools import permutations
 
-    objects = [_crop_descriptor(image, mask=m) for m in object_masks(image, max_objects=len(references))]
-    objects = [d for d in objects if d is not None]
     refs = [[d for d in (_crop_descriptor(r) for r in group) if d is not None] for group in references]
-    table = [[max((_pair_similarity(o, r) for r in group), default=0.0) for o in objects] for group in refs]
-    best = [0.0] * len(references)
-    slots = list(range(len(objects))) + [None] * len(references)
-    for choice in set(permutations(slots, len(references))):
-        scores = [0.0 if j is None else table[i][j] for i, j in enumerate(choice)]
-        if sum(scores) > sum(best):
-            best = scores
-    return best
+    results = []
+    for image in images:
+        objects = [_crop_descriptor(image, mask=m) for m in object_masks(image, max_objects=len(references))]
+        objects = [d for d in objects if d is not None]
+        table = [[max((_pair_similarity(o, r) for r in group), default=0.0) for o in objects] for group in refs]
+        best = [0.0] * len(references)
+        slots = list(range(len(objects))) + [None] * len(references)
+        for choice in set(permutations(slots, len(references))):
+            scores = [0.0 if j is None else table[i][j] for i, j in enumerate(choice)]
+            if sum(scores) > sum(best):
+                best = scores
+        results.append(best)
+    return results
 
 
 def _crop_descriptor(
