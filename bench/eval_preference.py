@@ -146,8 +146,8 @@ OPEN_STYLES = ("bare", "no_colour", "no_background")
 
 
 def with_style(scene: Scene, style: str, rng: random.Random) -> Scene:
-    """The scene captioned in ``style``: ``open`` picks one of the styles that leave colour or background open."""
-    return replace(scene, caption_style=rng.choice(OPEN_STYLES) if style == "open" else style)
+    """``open``: the scene captioned in one of the styles that leave colour or background open; else as drawn."""
+    return replace(scene, caption_style=rng.choice(OPEN_STYLES)) if style == "open" else scene
 
 
 def complies_with_words(judge: Judge, reading: Reading, scene: Scene) -> bool:
@@ -155,7 +155,7 @@ def complies_with_words(judge: Judge, reading: Reading, scene: Scene) -> bool:
     obj = scene.objects[0]
     if reading.shape != obj.shape:
         return False
-    if scene.caption_style in ("bare", "no_colour", "no_background"):
+    if scene.caption_style in OPEN_STYLES:
         colour_ok = scene.caption_style in ("bare", "no_colour") or reading.colour == obj.colour
         background_ok = scene.caption_style in ("bare", "no_background") or reading.background == scene.background
         return colour_ok and background_ok
@@ -168,8 +168,9 @@ def evaluation_scenes(count: int, style: str) -> list[Scene]:
     scenes, seen = [], set()
     for scene in held_out_scenes(count * 8, seed=7):
         scene = with_style(scene, style, rng)
-        if caption_for(scene) not in seen:
-            seen.add(caption_for(scene))
+        caption = caption_for(scene)
+        if caption not in seen:
+            seen.add(caption)
             scenes.append(scene)
         if len(scenes) == count:
             break
