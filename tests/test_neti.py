@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -274,3 +275,73 @@ def test_a_mapper_for_other_widths_is_refused(tiny_sd1_pipe):
     adapter = neti_adapter(NetiMapper(spec, torch.randn(spec.fourier_features, 2)))
     with pytest.raises(InvalidInputError, match="text widths"):
         NetiKind(adapter, BaseModel.from_pipeline(tiny_sd1_pipe, "tiny-random"))
+
+
+# -- several vectors per placeholder, and files written before that option ---------------------------------------
+
+
+def test_bypass_formula_with_one_vector_per_placeholder_position():
+    states = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]]])  # [1, 3 tokens, 2]
+    slots = torch.tensor([[False, True, True]])
+    bypass = torch.tensor([[[0.0, 10.0], [-1.0, 0.0]]])  # vector 0 for the first position, vector 1 for the second
+    out = apply_bypass(states, slots, bypass, 0.5)
+    assert torch.equal(out[0, 0], states[0, 0])
+    assert torch.allclose(out[0, 1], torch.tensor([0.0, 2.0 + 0.5 * 2.0]))
+    assert torch.allclose(out[0, 2], torch.tensor([3.0 - 0.5 * 5.0, 4.0]))
+
+
+def test_several_vectors_take_their_own_positions(tiny_sd1_pipe):
+    encoder = ConditioningEncoder(tiny_sd1_pipe, SD1, TOKEN, "toy", 0.2, num_vectors=2)
+    prompts = encoder.tokenize([PROMPT])
+    assert int(prompts.slots[0][0].sum()) == 2
+    table = tiny_sd1_pipe.text_encoder.get_input_embeddings().weight
+    toy_id, photo_id = (
+        tiny_sd1_pipe.tokenizer(word, add_special_tokens=False).input_ids[0] for word in ("toy", "photo")
+    )
+    rows = torch.stack([table[toy_id], table[photo_id]])[None]  # [1 row, 2 vectors, width]
+    with torch.no_grad():
+        plain, _ = encoder.encode(prompts, MapperOutput((rows,), (torch.randn(1, 2, 32),)), 1)
+        reference = tiny_sd1_pipe.encode_prompt(
+            PROMPT.replace(TOKEN, "toy photo"), torch.device("cpu"), 1, do_classifier_free_guidance=False
+        )[0]
+    assert torch.equal(plain[0], reference[0]), "vector j goes to the placeholder's j-th position"
+    spec = _small_spec(num_vectors=3)
+    out = NetiMapper(spec, torch.randn(4, 2)).eval()(torch.tensor([5.0, 6.0]), torch.tensor([0.0, 1.0]))
+    assert out.embeddings[0].shape == (2, 3, 5) and out.bypass[0].shape == (2, 3, 5)
+    assert torch.allclose(out.embeddings[0].norm(dim=-1), torch.full((2, 3), 2.0))
+
+
+def test_a_spec_written_before_num_vectors_reads_as_one_vector():
+    data = json.loads(_small_spec().to_json())
+    del data["num_vectors"]
+    assert MapperSpec.from_json(json.dumps(data)).num_vectors == 1
+
+
+def test_init_from_super_category_starts_at_the_word(tiny_sd1_pipe):
+    config = load_config(
+        NetiConfig,
+        overrides=[
+            f"placeholder_token={TOKEN}",
+            "super_category=toy",
+            "init_from_super_category=true",
+            "num_vectors=2",
+        ],
+    )
+    mapper = build_mapper(config, tiny_sd1_pipe, SD1, len(SD1.cross_attention_layers(tiny_sd1_pipe.unet))).eval()
+    toy_id = tiny_sd1_pipe.tokenizer("toy", add_special_tokens=False).input_ids[0]
+    word = tiny_sd1_pipe.text_encoder.get_input_embeddings().weight[toy_id].detach()
+    out = mapper(torch.tensor([0.0, 500.0, 999.0]), torch.tensor([0.0, 3.0, 6.0])).embeddings[0]
+    assert torch.nn.functional.cosine_similarity(out, word.expand_as(out), dim=-1).min() > 0.95
+    assert torch.allclose(out.norm(dim=-1), word.norm().expand(3, 2), atol=1e-5)
+
+
+def test_a_several_vector_concept_generates_and_conditions_each_position(tmp_path, tiny_sd1_pipe):
+    config = load_config(NetiConfig, overrides=[f"placeholder_token={TOKEN}", "super_category=toy", "num_vectors=2"])
+    torch.manual_seed(0)
+    mapper = build_mapper(config, tiny_sd1_pipe, SD1, len(SD1.cross_attention_layers(tiny_sd1_pipe.unet)))
+    write(tmp_path, "toy2", neti_adapter(mapper.eval()))
+    service = PipelineService(tiny_base(), adapter_source=tmp_path)
+    prompt = f"a {TOKEN} in the rain"
+    assert np.abs(_image(service, "toy2", prompt=prompt) - _image(service, prompt=prompt)).max() > 0
+    (entry,) = service._kinds["toy2"]._cache.values()
+    assert len(entry.slots) == 2 and next(iter(entry.bypass.values())).shape[1] == 2

@@ -112,3 +112,17 @@ def test_training_noise_matches_the_timestep_whatever_the_pipeline_scheduler(ima
     for noisy, timesteps in seen:
         expected = (1 - alphas[timesteps]).sqrt()  # clean latents 0, noise 1: the noisy latent is sigma_t
         assert torch.allclose(noisy.flatten(1).mean(dim=1), expected, atol=1e-5), (timesteps, expected)
+
+
+def test_frozen_super_category_bias_stays_at_the_word_with_several_vectors(images):
+    pipe = build_tiny_sd1_pipeline()
+    options = ("steps=2", "num_vectors=2", "init_from_super_category=true", "freeze_super_category=true")
+    config = _config(*options)
+    start = build_mapper(config, pipe, SD1, len(SD1.cross_attention_layers(pipe.unet)))
+    trained = mapper_from_adapter(train_neti(config, BaseModel.from_pipeline(pipe, "tiny-random"), images))
+    assert trained.spec.num_vectors == 2 and trained.output_layer.out_features == 2 * 2 * 32
+    words = slice(0, 2 * 32)  # the embedding rows of the bias: the word, for each vector
+    # AdamW's decoupled weight decay still shrinks them by lr * decay per step, nothing else moves them.
+    assert torch.allclose(trained.output_layer.bias[words], start.output_layer.bias[words], rtol=1e-3)
+    assert not torch.equal(trained.output_layer.bias[64:], start.output_layer.bias[64:]), "the bypass rows train"
+    assert not torch.equal(trained.output_layer.weight, start.output_layer.weight)

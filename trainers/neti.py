@@ -32,6 +32,12 @@ is repeated ``n_layers`` times with that row's mapper output spliced in at the p
 (`pipelines.kinds.conditioning`): each processor knows its layer index. ``t`` uniform over the training steps;
 AdamW, lr 1e-3 times the effective batch, weight decay 1e-2, constant schedule; textual-inversion prompt templates.
 
+Options beyond the reference, all off by default (see `NetiConfig`): ``num_vectors`` (the placeholder takes k
+positions, each with its own mapper output, as multi-vector textual inversion does), ``norm_scale`` (output norm as a
+multiple of the word's), ``init_from_super_category`` / ``freeze_super_category`` (the output starts at, or stays
+anchored to, the super-category word so a low truncation returns towards it). On the small `tiny` model one reference
+token at the word's norm barely moves the images; bench/eval_neti.py documents the tiny recipe.
+
 >>> cfg = load_config(NetiConfig, overrides=["placeholder_token=<my-toy>", "super_category=toy", "steps=2"])
 >>> cfg.sigma_t, cfg.hidden_width
 (0.03, 128)
@@ -99,6 +105,9 @@ class NetiConfig:
     super_category: str = ""
     """An ordinary word for what the concept is (``toy``): its embedding norm is the mapper's output norm."""
     learnable_property: Literal["object", "style"] = "object"
+    num_vectors: int = 1
+    """Token embeddings the mapper gives the placeholder (it takes that many positions in the prompt); 1 = the
+    reference. Like multi-vector textual inversion: more positions give the concept more of the cross-attention."""
     steps: int = 1000
     batch_size: int = 2
     gradient_accumulation_steps: int = 4
@@ -117,6 +126,18 @@ class NetiConfig:
     bypass_alpha: float = 0.2
     nested_dropout: float = 0.5
     """Probability per batch that nested dropout truncates the hidden vector."""
+    norm_scale: float = 1.0
+    """The mapper's output norm is this times the super-category word's norm (1 = the reference)."""
+    init_from_super_category: bool = False
+    """Start the mapper's embedding output at the super-category word: its bias is the word's row and its weights
+    are scaled down (``init_weight_scale``), so the untrained concept, and every truncation's path back to the bias,
+    begins at the word. False = the reference's random output layer."""
+    init_weight_scale: float = 0.01
+    """With ``init_from_super_category``: factor on the embedding part of the output layer's initial weights."""
+    freeze_super_category: bool = False
+    """With ``init_from_super_category``: keep the embedding part of the output bias at the word during training, so
+    the mapper learns the concept as an offset from the word that nested dropout orders, and a low truncation
+    returns towards the word itself (the most editable end of the dial)."""
     checkpoint_every: int = 250
     keep_checkpoints: int = 1
     max_seconds: float = 0.0
@@ -126,6 +147,7 @@ class NetiConfig:
         """Ranges; the placeholder and super-category are checked when training starts (they need a tokenizer)."""
         expect_positive(
             self,
+            "num_vectors",
             "steps",
             "batch_size",
             "gradient_accumulation_steps",
@@ -135,6 +157,8 @@ class NetiConfig:
             "sigma_l",
             "time_anchors",
             "hidden_width",
+            "norm_scale",
+            "init_weight_scale",
             "checkpoint_every",
             "keep_checkpoints",
         )
@@ -166,6 +190,8 @@ class MapperSpec:
     num_train_timesteps: int = 1000
     hidden_width: int = 128
     bypass_alpha: float = 0.2
+    num_vectors: int = 1
+    """Embeddings (and bypass vectors) per text encoder; files written before this key existed have 1."""
 
     @property
     def anchor_count(self) -> int:
@@ -211,7 +237,10 @@ def fourier_features(w: torch.Tensor, timesteps: torch.Tensor, layers: torch.Ten
 
 @dataclass(frozen=True)
 class MapperOutput:
-    """Mapper outputs for N rows: per text encoder, the token embeddings ``[N, w_i]`` and bypass vectors."""
+    """Mapper outputs for N rows: per text encoder, the token embeddings ``[N, w_i]`` and bypass vectors.
+
+    With several vectors per placeholder (``num_vectors`` k > 1) each tensor is ``[N, k, w_i]``.
+    """
 
     embeddings: tuple[torch.Tensor, ...]
     bypass: tuple[torch.Tensor, ...]
@@ -247,7 +276,7 @@ class NetiMapper(nn.Module):
             nn.LayerNorm(width),
             nn.LeakyReLU(),
         )
-        self.output_layer = nn.Linear(width, 2 * sum(spec.widths))
+        self.output_layer = nn.Linear(width, 2 * spec.num_vectors * sum(spec.widths))
 
     def anchor_encodings(self) -> torch.Tensor:
         """``[time_anchors * n_layers, 2 * features]``: encodings of t in 0, T/A, ... (outer) x every layer."""
@@ -282,23 +311,37 @@ class NetiMapper(nn.Module):
         *,
         dropout: float = 0.5,
     ) -> MapperOutput:
-        """Mapper outputs for rows ``(timesteps[i], layers[i])``; ``truncation`` applies in eval mode only."""
+        """Mapper outputs for rows ``(timesteps[i], layers[i])``; ``truncation`` applies in eval mode only.
+
+        With ``num_vectors`` k > 1 each tensor is ``[N, k, width]`` (vector j for the placeholder's j-th position).
+        """
         h = self.nested_dropout(self.hidden(timesteps, layers), truncation, dropout)
         out = self.output_layer(h)
-        widths = list(self.spec.widths)
-        parts = torch.split(out, widths + widths, dim=-1)
+        k = self.spec.num_vectors
+        widths = [k * width for width in self.spec.widths]
+        parts = [part if k == 1 else part.unflatten(-1, (k, -1)) for part in torch.split(out, widths + widths, dim=-1)]
         embeddings = tuple(
             F.normalize(part, dim=-1) * self.target_norms[i] for i, part in enumerate(parts[: len(widths)])
         )
         return MapperOutput(embeddings=embeddings, bypass=tuple(parts[len(widths) :]))
 
 
+def _per_slot(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``[N, T, D]``: row n's vector for each position; ``values`` ``[N, D]`` (the same at every position) or
+    ``[N, k, D]`` (vector j at the j-th, (k+j)-th, ... marked position of the row: k positions per placeholder)."""
+    if values.dim() == 2:
+        return values[:, None, :].expand(-1, slots.shape[1], -1)
+    index = ((slots.long().cumsum(dim=-1) - 1).clamp(min=0) % values.shape[1])[..., None]
+    return torch.gather(values, 1, index.expand(-1, -1, values.shape[-1]))
+
+
 def apply_bypass(states: torch.Tensor, slots: torch.Tensor, bypass: torch.Tensor, alpha: float) -> torch.Tensor:
     """``h' = h + alpha * ||h|| * b / ||b||`` at the placeholder positions ``slots`` (``[N, T]`` bool).
 
-    ``states`` ``[N, T, D]``, ``bypass`` ``[N, D]`` (one vector per row, added at every slot of that row).
+    ``states`` ``[N, T, D]``, ``bypass`` ``[N, D]`` (one vector per row, added at every slot of that row) or
+    ``[N, k, D]`` (vector j at each placeholder's j-th position).
     """
-    direction = F.normalize(bypass.to(states.dtype), dim=-1)[:, None, :]
+    direction = F.normalize(_per_slot(bypass.to(states.dtype), slots), dim=-1)
     added = alpha * states.norm(dim=-1, keepdim=True) * direction
     return states + slots[..., None].to(states.dtype) * added
 
@@ -350,11 +393,20 @@ class ConditioningEncoder:
     output. Textual-inversion tokens and text-encoder LoRAs of the same pipeline apply as usual.
     """
 
-    def __init__(self, pipeline: Any, family: Any, placeholder_token: str, super_category: str, alpha: float) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        family: Any,
+        placeholder_token: str,
+        super_category: str,
+        alpha: float,
+        num_vectors: int = 1,
+    ) -> None:
         self.pipeline = pipeline
         self.family = family
         self.placeholder_token = placeholder_token
         self.alpha = alpha
+        self.num_vectors = num_vectors
         self.output = ENCODER_OUTPUTS[family.name]
         self.encoders = family.text_encoders(pipeline)
         self.tokenizers = family.tokenizers(pipeline)
@@ -376,8 +428,8 @@ class ConditioningEncoder:
                 marks: list[bool] = []
                 for index, piece in enumerate(prompt.split(self.placeholder_token)):
                     if index:
-                        content.append(slot_id)
-                        marks.append(True)
+                        content.extend([slot_id] * self.num_vectors)
+                        marks.extend([True] * self.num_vectors)
                     piece_ids = tokenizer(piece, add_special_tokens=False).input_ids if piece.strip() else []
                     content.extend(piece_ids)
                     marks.extend([False] * len(piece_ids))
@@ -394,7 +446,7 @@ class ConditioningEncoder:
         self, encoder: nn.Module, slots: torch.Tensor, rows: torch.Tensor, captured: list[torch.Tensor]
     ) -> Iterator[None]:
         def splice(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            return torch.where(slots[..., None], rows[:, None, :].to(output.dtype), output)
+            return torch.where(slots[..., None], _per_slot(rows.to(output.dtype), slots), output)
 
         def capture(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             captured.append(output[0] if isinstance(output, tuple) else output)
@@ -513,10 +565,11 @@ def build_mapper(config: NetiConfig, pipeline: Any, family: Any, n_layers: int) 
     """A fresh mapper for ``pipeline``: ``w`` from ``config.seed``, output norms from the super-category word."""
     placeholder = validate_placeholder_token(config.placeholder_token)
     encoders, tokenizers = family.text_encoders(pipeline), family.tokenizers(pipeline)
-    norms = tuple(
-        float(init_vector(tokenizer, encoder, config.super_category).norm())
+    words = [
+        init_vector(tokenizer, encoder, config.super_category)
         for tokenizer, encoder in zip(tokenizers, encoders, strict=True)
-    )
+    ]
+    norms = tuple(float(word.norm()) * config.norm_scale for word in words)
     spec = MapperSpec(
         n_layers=n_layers,
         widths=tuple(int(width) for width in family.embedding_widths(pipeline)),
@@ -531,10 +584,20 @@ def build_mapper(config: NetiConfig, pipeline: Any, family: Any, n_layers: int) 
         num_train_timesteps=int(pipeline.scheduler.config.num_train_timesteps),
         hidden_width=config.hidden_width,
         bypass_alpha=config.bypass_alpha,
+        num_vectors=config.num_vectors,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return NetiMapper(spec, fourier_matrix(spec, torch.Generator().manual_seed(config.seed)))
+        mapper = NetiMapper(spec, fourier_matrix(spec, torch.Generator().manual_seed(config.seed)))
+    if config.init_from_super_category:
+        with torch.no_grad():
+            start = 0
+            for word in words:
+                rows = slice(start, start + word.numel() * config.num_vectors)
+                mapper.output_layer.bias[rows] = word.repeat(config.num_vectors)
+                mapper.output_layer.weight[rows] *= config.init_weight_scale
+                start = rows.stop
+    return mapper
 
 
 def train_neti(
@@ -577,7 +640,7 @@ def train_neti(
     seed_everything(config.seed)
     mapper = build_mapper(config, pipeline, family, len(layer_names)).to(device).train()
     text = ConditioningEncoder(
-        pipeline, family, mapper.spec.placeholder_token, config.super_category, config.bypass_alpha
+        pipeline, family, mapper.spec.placeholder_token, config.super_category, config.bypass_alpha, config.num_vectors
     )
     resolution = config.resolution or int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
     latents = _load_latents(pipeline, Path(images), resolution, base_model.fingerprint).to(device)
@@ -586,6 +649,11 @@ def train_neti(
     effective_batch = config.batch_size * config.gradient_accumulation_steps
     lr = config.lr * effective_batch if config.scale_lr else config.lr
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=lr, weight_decay=config.weight_decay)
+    if config.init_from_super_category and config.freeze_super_category:
+        # No gradient for the bias rows that hold the word (Adam then leaves them; decay alone moves them ~lr*wd/step).
+        frozen = torch.zeros_like(mapper.output_layer.bias, dtype=torch.bool)
+        frozen[: mapper.spec.num_vectors * sum(mapper.spec.widths)] = True
+        mapper.output_layer.bias.register_hook(lambda grad: grad.masked_fill(frozen, 0.0))
     start_step = 0
     checkpoint = latest_checkpoint(run_dir) if (resume and run_dir is not None) else None
     if checkpoint is not None:

@@ -104,7 +104,7 @@ class NetiKind:
             )
         self.spec = spec
         self.text = ConditioningEncoder(
-            pipeline, family, spec.placeholder_token, spec.super_category, spec.bypass_alpha
+            pipeline, family, spec.placeholder_token, spec.super_category, spec.bypass_alpha, spec.num_vectors
         )
         self._cache: OrderedDict[tuple[Any, ...], _Conditionings] = OrderedDict()
         self._lock = threading.Lock()
