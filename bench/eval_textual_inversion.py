@@ -5,7 +5,8 @@ reference images (CPU, 2 threads, a fixed step count sized to stay under the 2-m
 ``a <token> on a <colour> background`` for backgrounds the references never show, through the shared pipeline, and
 scores the images with the judge (`studio.world.evaluate.evaluate_concept`). The base model's attempt uses the class
 noun instead of the token. With ``--compose``, each 4-vector token is scored again while a second concept's token
-and a DreamBooth LoRA are loaded in the same requests (their similarity should stay close to the solo value).
+and a DreamBooth LoRA are loaded in the same requests (their similarity should stay close to the solo value), at
+each of ``--lora-weights``.
 
     python bench/eval_textual_inversion.py --concept robot-toy --steps 300
     python bench/eval_textual_inversion.py --variants 1,4 --core-weight 0.5 --compose
@@ -59,6 +60,7 @@ def main() -> int:
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compose", action="store_true", help="also score tokens next to a second token and a LoRA")
+    parser.add_argument("--lora-weights", default="1.0,0.5", help="LoRA weights the --compose scores use")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here too")
     args = parser.parse_args()
 
@@ -116,7 +118,11 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
     """Three concepts at once: this concept's 4-vector token, a second concept's token and a DreamBooth LoRA of a
     third, all loaded in every request. Each is scored alone (only its own adapter), beside the other two (all three
     loaded, a one-concept prompt), and in two-concept prompts ("a <A> and a <B> on a ... background", each concept
-    scored on its own object). The base model's two-object score (class nouns, no adapters) is the floor."""
+    scored on its own object). The base model's two-object score (class nouns, no adapters) is the floor.
+
+    Tokens never touch the U-Net, so two of them compose exactly; a LoRA changes the U-Net every token goes through,
+    so its weight sets how much it moves the others. Each ``--lora-weights`` value is scored, the LoRA's "alone" at the
+    same weight (as a user would set ``<lora:name:0.5>`` in AUTOMATIC1111 when combining)."""
     from studio.demo import DEMO_TRAINING
     from studio.world.evaluate import evaluate_concept_pair
     from trainers.dreambooth import DreamBoothConfig, train_dreambooth
@@ -131,37 +137,50 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
     db = DreamBoothConfig(token="sks", class_noun=third.class_noun, **DEMO_TRAINING)
     train_dreambooth(db, lora_images, load_base_model("tiny"), name="db-lora", library=library, run_dir=work / "db")
 
-    members = {  # concept, prompt words, its adapter
-        concept.name: (concept, main[1]["token"], main[0]),
-        other.name: (other, f"<{other.name}>", "other-ti"),
-        third.name: (third, f"sks {third.class_noun}", "db-lora"),
+    members = {  # concept, prompt words, its adapter, whether it is the LoRA
+        concept.name: (concept, main[1]["token"], main[0], False),
+        other.name: (other, f"<{other.name}>", "other-ti", False),
+        third.name: (third, f"sks {third.class_noun}", "db-lora", True),
     }
-    everything = [AdapterRef(adapter) for _, _, adapter in members.values()]
     kw = {"steps": args.eval_steps, "judge": judge}
-    out: dict = {"adapters": {name: adapter for name, (_, _, adapter) in members.items()}, "concepts": {}}
-    for name, (c, words, adapter) in members.items():
-        solo = evaluate_concept(service, c, words, [AdapterRef(adapter)], **kw)
-        together = evaluate_concept(service, c, words, everything, **kw)
-        out["concepts"][name] = {
-            "alone": round(solo.similarity, 4),
-            "all_three_loaded": round(together.similarity, 4),
-            "background_alone": round(solo.background_compliance, 4),
-            "background_all_three_loaded": round(together.background_compliance, 4),
-        }
+    out: dict = {"adapters": {name: member[2] for name, member in members.items()}, "by_lora_weight": {}}
+    solo_tokens = {  # a token alone does not depend on the LoRA's weight
+        name: evaluate_concept(service, c, words, [AdapterRef(adapter)], **kw)
+        for name, (c, words, adapter, is_lora) in members.items()
+        if not is_lora
+    }
     names = list(members)
-    pairs = [(names[0], names[1]), (names[0], names[2]), (names[1], names[2])]
-    out["pairs"] = {}
-    for a, b in pairs:
-        (ca, wa, _), (cb, wb, _) = members[a], members[b]
-        base_a, base_b = evaluate_concept_pair(service, (ca, cb), (ca.class_noun, cb.class_noun), [], **kw)
-        score_a, score_b = evaluate_concept_pair(service, (ca, cb), (wa, wb), everything, **kw)
-        out["pairs"][f"{a} + {b}"] = {
-            "prompt": f"a {wa} and a {wb} on a <colour> background",
-            a: {"base_two_object": round(base_a.similarity, 4), "composed": round(score_a.similarity, 4)},
-            b: {"base_two_object": round(base_b.similarity, 4), "composed": round(score_b.similarity, 4)},
-            "background_compliance": round(score_a.background_compliance, 4),
-            "n": score_a.n,
-        }
+    for weight in [float(w) for w in args.lora_weights.split(",")]:
+
+        def ref(adapter: str, is_lora: bool, weight: float = weight) -> AdapterRef:
+            return AdapterRef(adapter, weight=weight if is_lora else 1.0)
+
+        everything = [ref(adapter, is_lora) for _, _, adapter, is_lora in members.values()]
+        entry: dict = {"concepts": {}, "pairs": {}}
+        for name, (c, words, adapter, is_lora) in members.items():
+            solo = solo_tokens.get(name) or evaluate_concept(service, c, words, [ref(adapter, is_lora)], **kw)
+            together = evaluate_concept(service, c, words, everything, **kw)
+            entry["concepts"][name] = {
+                "alone": round(solo.similarity, 4),
+                "all_three_loaded": round(together.similarity, 4),
+                "ratio": round(together.similarity / max(solo.similarity, 1e-6), 3),
+                "background_alone": round(solo.background_compliance, 4),
+                "background_all_three_loaded": round(together.background_compliance, 4),
+            }
+        for a, b in [(names[0], names[1]), (names[0], names[2]), (names[1], names[2])]:
+            (ca, wa, _, _), (cb, wb, _, _) = members[a], members[b]
+            base_a, base_b = evaluate_concept_pair(service, (ca, cb), (ca.class_noun, cb.class_noun), [], **kw)
+            score_a, score_b = evaluate_concept_pair(service, (ca, cb), (wa, wb), everything, **kw)
+            entry["pairs"][f"{a} + {b}"] = {
+                "prompt": f"a {wa} and a {wb} on a <colour> background",
+                a: {"base_two_object": round(base_a.similarity, 4), "composed": round(score_a.similarity, 4)},
+                b: {"base_two_object": round(base_b.similarity, 4), "composed": round(score_b.similarity, 4)},
+                "background_compliance_base": round(base_a.background_compliance, 4),
+                "background_compliance": round(score_a.background_compliance, 4),
+                "n": score_a.n,
+            }
+        out["by_lora_weight"][str(weight)] = entry
+        print(f"compose at LoRA weight {weight}: {json.dumps(entry['concepts'])}", file=sys.stderr)
     return out
 
 
