@@ -177,11 +177,18 @@ def evaluation_scenes(count: int, style: str) -> list[Scene]:
     return scenes
 
 
-def training_pool(setup: Setup, count: int, seed: int) -> list[tuple[str, Image.Image, Image.Image]]:
-    """``count`` training prompts (the base's own training distribution, in the prompt style), two seeds each."""
+def training_pool(
+    setup: Setup, count: int, seed: int, start: int = 0
+) -> list[tuple[str, Image.Image, Image.Image]]:
+    """``count`` training prompts (the base's own training distribution, in the prompt style), two seeds each.
+
+    ``start`` skips that many prompts of the same stream, so a pool can be extended without repeating itself.
+    """
     rng = random.Random(f"preference-pool:{seed}")
     pool = []
-    for index in range(count):
+    for _ in range(start):
+        with_style(random_scene(rng, two_object_prob=0.0, class_prob=0.0), setup.args.prompt_style, rng)
+    for index in range(start, start + count):
         scene = random_scene(rng, two_object_prob=0.0, class_prob=0.0)
         prompt = caption_for(with_style(scene, setup.args.prompt_style, rng))
         first, second = setup.generate(prompt, [seed * 100_000 + 2 * index, seed * 100_000 + 2 * index + 1])
@@ -189,16 +196,42 @@ def training_pool(setup: Setup, count: int, seed: int) -> list[tuple[str, Image.
     return pool
 
 
-def label(setup: Setup, user: SimulatedUser, pool: Sequence[tuple[str, Image.Image, Image.Image]]) -> list[Any]:
-    """The user's picks on the pool as preference pairs (noisy, as a person's)."""
-    rng = random.Random(f"picks:{user.name}")
+def label(
+    setup: Setup,
+    user: SimulatedUser,
+    pool: Sequence[tuple[str, Image.Image, Image.Image]],
+    rng: random.Random | None = None,
+) -> list[Any]:
+    """The user's picks on the pool as preference pairs (noisy, as a person's).
+
+    A pair whose two images score exactly the same for this user (nothing they care about differs) is skipped, as a
+    person skips a tie in the studio's picker; Pick-a-Pic's ties are dropped the same way on import. Such a pair
+    carries no preference, and labelling it with a coin flip only teaches noise.
+    """
+    rng = rng or random.Random(f"picks:{user.name}")
     pairs = []
     for prompt, first, second in pool:
         a, b = (user.score_reading(r) for r in setup.read([first, second]))
+        if a == b:
+            continue
         choice = user.pick(a, b, rng)
         preferred, other = (first, second) if choice == 0 else (second, first)
         pairs.append(PreferencePair(user.name, prompt, preferred, other, source=f"simulated:{user.name}"))
     return pairs
+
+
+def user_pairs(setup: Setup, user: SimulatedUser, count: int, seed: int) -> list[Any]:
+    """``count`` picks of ``user`` (ties skipped): the base draws pairs of fresh prompts until the user made them."""
+    pairs: list[Any] = []
+    batch, offset, rng = count, 0, random.Random(f"picks:{user.name}")
+    while len(pairs) < count and offset < 8 * count:
+        pool = training_pool(setup, batch, seed=seed, start=offset)
+        pairs += label(setup, user, pool, rng)
+        offset += batch
+        batch = max(2, count - len(pairs))
+    # How often two base images tie for this user: the share of picks a person would skip.
+    logger.info("%s: %d picks from %d base pairs (%d ties skipped)", user.name, len(pairs), offset, offset - len(pairs))
+    return pairs[:count]
 
 
 def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef, scenes: Sequence[Scene]) -> dict[str, Any]:
@@ -279,8 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             liked, disliked = attributes_of(user)
             adapter = attribute_preference(liked, disliked, family=family, user_id=user.name)
         else:
-            own_pool = training_pool(setup, count, seed=100 + index)
-            pairs = label(setup, user, own_pool)
+            pairs = user_pairs(setup, user, count, seed=100 + index)
             if population is not None:
                 adapter = embed_user(population, pairs, image_features=setup.features)
             else:

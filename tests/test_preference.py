@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -117,7 +118,8 @@ def service(tmp_path):
     write(tmp_path, "mix1", interpolate_preferences(alice, bob, 1.0))
     write(tmp_path, "mixhalf", interpolate_preferences(alice, bob, 0.5))
     write(tmp_path, "taste", attribute_preference(["blue", "large"], ["red", "small"], family="sd1"))
-    write(tmp_path, "liked", attribute_preference(["blue"], [], family="sd1"))
+    write(tmp_path, "liked", attribute_preference(["large"], [], family="sd1"))
+    write(tmp_path, "conflict", attribute_preference(["blue", "striped background"], ["red"], family="sd1"))
     write(tmp_path, "nothing", attribute_preference([], [], family="sd1"))
     service = PipelineService(tiny_base(), adapter_source=tmp_path)
     yield service
@@ -159,9 +161,16 @@ def test_attribute_guidance(service, tiny_sd1_pipe):
     assert np.abs(taste - stock).max() > 0
     assert np.array_equal(generate(service, "taste:attribute_scale=0"), stock)
 
+    # Attributes about what the prompt names ("a red circle": its subject's colour) are left out for that prompt;
+    # one about what it leaves open (the background) stays.
+    assert not np.array_equal(generate(service, "conflict"), stock)
+    named = GenerationRequest(prompt=PROMPT + " on a white background", seeds=[1], steps=STEPS, width=64, height=64)
+    with_conflict = replace(named, adapters=[AdapterRef.parse("conflict")])
+    assert np.array_equal(pixels(service.generate(with_conflict).images[0]), pixels(service.generate(named).images[0]))
+
     # Liked attributes only: exactly the stock pipeline with s * E(liked) added to the prompt's states.
     pipe = tiny_sd1_pipe
-    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0] + 0.85 * pipe.encode_prompt("blue", "cpu", 1, False)[0]
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0] + 0.85 * pipe.encode_prompt("large", "cpu", 1, False)[0]
     output = pipe(
         prompt_embeds=embeds,
         num_inference_steps=STEPS,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -199,6 +200,57 @@ def clean_attributes(liked: Sequence[str], disliked: Sequence[str]) -> tuple[lis
     liked_set, disliked_set = unique(liked), unique(disliked)
     both = set(liked_set) & set(disliked_set)
     return [a for a in liked_set if a not in both], [a for a in disliked_set if a not in both]
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower())) - _FILLER
+
+
+# Words that say nothing about what an attribute is about (so they never make two phrases overlap).
+_FILLER = frozenset({"a", "an", "the", "of", "on", "in", "with", "and", "at", "to", "style", "very"})
+
+
+# Common colour names: a bare colour attribute ("red") is about the colour of the prompt's subject.
+_COLOUR_WORDS = frozenset(
+    "red orange yellow green blue purple violet pink brown black white gray grey cyan magenta teal gold silver "
+    "beige turquoise".split()
+)
+
+
+def attributes_for_prompt(attributes: Sequence[str], prompt: str, nouns: Sequence[str] = ()) -> list[str]:
+    """The attributes that do not touch what the prompt's own words decide.
+
+    An attribute sharing a word with the prompt ("striped background" for "a circle on a blue background", "red" for
+    "a red circle") is about something the prompt already names; guiding towards or away from it would override
+    the prompt, so it is left out for that prompt (the prompt's words win over the taste). A bare colour ("blue")
+    is about the subject's colour: it is left out when the prompt gives a colour to something other than the
+    ``nouns`` that the user's other attributes are about (``background`` in "black background"), i.e. to the
+    subject.
+
+    >>> taste = ["black background", "large", "blue"]
+    >>> attributes_for_prompt(taste, "a red circle on a white background", ["background"])
+    ['large']
+    >>> attributes_for_prompt(taste, "a circle on a white background", ["background"])
+    ['large', 'blue']
+    >>> attributes_for_prompt(taste, "a red circle", ["background"])
+    ['black background', 'large']
+    """
+    named = _words(prompt)
+    order = re.findall(r"[a-z0-9]+", prompt.lower())
+    coloured = {word for colour, word in zip(order, order[1:], strict=False) if colour in _COLOUR_WORDS}
+    subject_coloured = bool(coloured - set(nouns))
+    kept = []
+    for attribute in attributes:
+        words = _words(attribute)
+        if words & named or (subject_coloured and words and words <= _COLOUR_WORDS):
+            continue
+        kept.append(attribute)
+    return kept
+
+
+def _attribute_nouns(attributes: Sequence[str]) -> list[str]:
+    """What multi-word attributes are about: their last word ("background" of "black background")."""
+    return [attribute.split()[-1].lower() for attribute in attributes if len(attribute.split()) > 1]
 
 
 def _shuffled(attributes: list[str], prompt: str) -> str:
@@ -383,9 +435,14 @@ class PreferenceKind:
                 f"{request.guidance:g}"
             )
         pipeline = request.pipeline
-        liked = _encode_text(pipeline, _shuffled(self.liked, request.prompt), request.device) if self.liked else None
+        nouns = _attribute_nouns([*self.liked, *self.disliked])
+        liked_here = attributes_for_prompt(self.liked, request.prompt, nouns)
+        disliked_here = attributes_for_prompt(self.disliked, request.prompt, nouns)
+        liked = _encode_text(pipeline, _shuffled(liked_here, request.prompt), request.device) if liked_here else None
         disliked = (
-            _encode_text(pipeline, _shuffled(self.disliked, request.prompt), request.device) if self.disliked else None
+            _encode_text(pipeline, _shuffled(disliked_here, request.prompt), request.device)
+            if disliked_here
+            else None
         )
         _ensure_guidance_hook(pipeline.unet, _seam_context(pipeline.unet, request.layer_names))
         return AttributeGuidanceState(liked, disliked, scale)
