@@ -169,16 +169,21 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
             }
         for a, b in [(names[0], names[1]), (names[0], names[2]), (names[1], names[2])]:
             (ca, wa, _, _), (cb, wb, _, _) = members[a], members[b]
-            base_a, base_b = evaluate_concept_pair(service, (ca, cb), (ca.class_noun, cb.class_noun), [], **kw)
-            score_a, score_b = evaluate_concept_pair(service, (ca, cb), (wa, wb), everything, **kw)
-            entry["pairs"][f"{a} + {b}"] = {
-                "prompt": f"a {wa} and a {wb} on a <colour> background",
-                a: {"base_two_object": round(base_a.similarity, 4), "composed": round(score_a.similarity, 4)},
-                b: {"base_two_object": round(base_b.similarity, 4), "composed": round(score_b.similarity, 4)},
-                "background_compliance_base": round(base_a.background_compliance, 4),
-                "background_compliance": round(score_a.background_compliance, 4),
-                "n": score_a.n,
-            }
+            for regions in (None, "columns"):  # one sentence, then regional prompting (one column per concept)
+                pair_kw = {**kw, "regions": regions}
+                base_a, base_b = evaluate_concept_pair(service, (ca, cb), (ca.class_noun, cb.class_noun), [], **pair_kw)
+                score_a, score_b = evaluate_concept_pair(service, (ca, cb), (wa, wb), everything, **pair_kw)
+                prompt = f"a {wa} and a {wb} on a <colour> background"
+                if regions:
+                    prompt += f" ADDBASE a {wa} on a <colour> background BREAK a {wb} on a <colour> background"
+                entry["pairs"][f"{a} + {b}" + (f" ({regions})" if regions else "")] = {
+                    "prompt": prompt,
+                    a: {"base_two_object": round(base_a.similarity, 4), "composed": round(score_a.similarity, 4)},
+                    b: {"base_two_object": round(base_b.similarity, 4), "composed": round(score_b.similarity, 4)},
+                    "background_compliance_base": round(base_a.background_compliance, 4),
+                    "background_compliance": round(score_a.background_compliance, 4),
+                    "n": score_a.n,
+                }
         out["by_lora_weight"][str(weight)] = entry
         print(f"compose at LoRA weight {weight}: {json.dumps(entry['concepts'])}", file=sys.stderr)
     return out

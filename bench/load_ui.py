@@ -109,7 +109,7 @@ class Request:
 
     def args(self, steps: int, size: int) -> tuple:
         table = {"headers": ADAPTER_HEADERS, "data": [[n, w, "", ""] for n, w in self.adapters], "metadata": None}
-        return (self.prompt, "", self.seed, 1, steps, 7.5, size, size, "default", table)
+        return (self.prompt, "", self.seed, 1, steps, 7.5, size, size, "default", table, "none")
 
 
 def plan(users: int, per_user: int, tokens: dict[str, str]) -> list[Request]:

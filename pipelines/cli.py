@@ -41,7 +41,11 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         height=getattr(args, "height", None),
         scheduler=getattr(args, "scheduler", None),
         adapters=[AdapterRef.parse(text) for text in getattr(args, "adapter", None) or []],
+        regions=getattr(args, "regions", None),
     )
+    base_ratio = getattr(args, "base_ratio", None)
+    if base_ratio is not None:
+        request.base_ratio = base_ratio
     request.validate()
     return request
 

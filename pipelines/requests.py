@@ -35,6 +35,11 @@ MAX_GUIDANCE = 50.0
 # A huge LoRA weight is a typo, and it turns images into noise; A1111 users rarely go past +-2.
 MAX_ABS_WEIGHT = 10.0
 SIZE_MULTIPLE = 8
+REGION_LAYOUTS = ("columns", "rows")
+"""How ``GenerationRequest.regions`` splits the image: side-by-side stripes or stacked stripes."""
+REGION_SEPARATOR = "BREAK"
+REGION_BASE = "ADDBASE"
+MAX_REGIONS = 8
 
 
 def _finite_number(value: Any, what: str) -> float:
@@ -114,6 +119,14 @@ class GenerationRequest:
 
     ``width``/``height`` of ``None`` mean the base model's native size; ``scheduler`` of ``None`` means the base
     model's own scheduler. One image is made per seed.
+
+    ``regions`` ("columns" or "rows") splits the image into equal stripes, one per part of the prompt separated by
+    ``BREAK`` (as AUTOMATIC1111's Regional Prompter and ComfyUI's area conditioning do): the cross-attention of each
+    stripe reads only its own part, so two subjects in one image each get their own words (``"a <my-toy> on a red
+    background BREAK a <my-cat> on a red background"``). LoRAs still apply to the whole image. A prompt that starts
+    with a base part ending in ``ADDBASE`` ("a <my-toy> and a <my-cat> on a red background ADDBASE ...") lays that
+    base over the whole image with weight ``base_ratio`` (Regional Prompter's base prompt): it gives the layout of
+    the whole scene, the regions their own subjects.
     """
 
     prompt: str
@@ -125,6 +138,21 @@ class GenerationRequest:
     height: int | None = None
     scheduler: str | None = None
     adapters: list[AdapterRef] = field(default_factory=list)
+    regions: str | None = None
+    base_ratio: float = 0.2
+
+    def region_base(self) -> str:
+        """The base part of a regional prompt (before ``ADDBASE``), or ``""``."""
+        if self.regions is None or REGION_BASE not in self.prompt:
+            return ""
+        return self.prompt.split(REGION_BASE, 1)[0].strip()
+
+    def region_prompts(self) -> list[str]:
+        """The prompt's region parts for ``regions`` (after any base part, split on ``BREAK``), or ``[]``."""
+        if self.regions is None:
+            return []
+        rest = self.prompt.split(REGION_BASE, 1)[-1]
+        return [part.strip() for part in rest.split(REGION_SEPARATOR)]
 
     def validate(self, *, min_side: int = SIZE_MULTIPLE, max_images: int = MAX_IMAGES) -> None:
         """Raise a one-line `InvalidInputError` for the first thing wrong with the request.
@@ -170,7 +198,22 @@ class GenerationRequest:
         for seed in self.seeds:
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
                 raise InvalidInputError(f"a seed should be a whole number from 0 to 2**63-1, got {seed!r}")
-        # 5. Adapters.
+        # 5. Regions: a layout, and two or more non-empty parts.
+        if self.regions is not None:
+            if self.regions not in REGION_LAYOUTS:
+                raise InvalidInputError(f"regions should be one of {', '.join(REGION_LAYOUTS)}, got {self.regions!r}")
+            parts = self.region_prompts()
+            if len(parts) < 2 or not all(parts):
+                raise InvalidInputError(
+                    f"regions expect a prompt of two or more non-empty parts separated by {REGION_SEPARATOR}, "
+                    f"got {len([p for p in parts if p])} part(s) in {self.prompt!r}"
+                )
+            if len(parts) > MAX_REGIONS:
+                raise InvalidInputError(f"expected at most {MAX_REGIONS} regions, got {len(parts)}")
+            ratio = _finite_number(self.base_ratio, "base_ratio")
+            if not 0.0 <= ratio < 1.0:
+                raise InvalidInputError(f"base_ratio should be from 0 up to (not including) 1, got {ratio:g}")
+        # 6. Adapters.
         seen: set[str] = set()
         for ref in self.adapters:
             ref.validate()
@@ -190,6 +233,7 @@ class GenerationRequest:
             "height": self.height,
             "scheduler": self.scheduler,
             "adapters": [ref.describe() for ref in self.adapters],
+            **({"regions": self.regions, "base_ratio": self.base_ratio} if self.regions else {}),
         }
 
 

@@ -46,8 +46,11 @@ from pipelines.kinds.conditioning import (
     ConditioningKind,
     ConditioningRequest,
     ConditioningState,
+    LayerCall,
+    RegionStates,
     install_conditioning,
     kind_factory,
+    region_masks,
     registered_kinds,
 )
 from pipelines.kinds.embeddings import EmbeddingSlots, EmbeddingUse, references_of, rewrite_prompts
@@ -179,13 +182,26 @@ class PipelineService:
                 tokens = self._embeddings.ensure(entry.name, entry.adapter)
                 uses.append(EmbeddingUse(entry.name, references_of(entry.name, entry.adapter), tokens))
         self._loras.activate(loras)
-        (prompt, negative_prompt), warnings = rewrite_prompts([request.prompt, request.negative_prompt], uses)
-        warnings += self._truncation_warnings(prompt, negative_prompt)
+        # With regions every part of the prompt is rewritten and encoded on its own; the pipeline gets the first.
+        parts = request.region_prompts() or [request.prompt]
+        base_part = request.region_base()
+        rewritten, warnings = rewrite_prompts([*parts, base_part, request.negative_prompt], uses)
+        parts, base_part, negative_prompt = rewritten[:-2], rewritten[-2], rewritten[-1]
+        prompt = base_part or parts[0]
+        named = [("prompt", part) for part in [base_part, *parts] if part] + [("negative prompt", negative_prompt)]
+        warnings += self._truncation_warnings(named)
         states = [
             (entry.name, self._prepare_kind(entry, ref, request, prompt, negative_prompt))
             for ref, entry in zip(request.adapters, entries, strict=True)
             if entry.kind not in (LORA, TEXTUAL_INVERSION)
         ]
+        width = request.width or self.default_size
+        height = request.height or self.default_size
+        if request.regions is not None:
+            if any(entry.kind == "neti" for entry in entries):
+                raise NotAvailableError("regions together with a NeTI adapter are not available yet")
+            base = (base_part, request.base_ratio) if base_part else None
+            states.append(("regions", self._region_state(request.regions, parts, base, width, height)))
         if not self._seam.is_installed():
             logger.warning("the conditioning processors were replaced; installing them again")
             self._seam.reinstall()
@@ -193,8 +209,6 @@ class PipelineService:
 
         # 3. Generate, one seed at a time: an image depends only on its own seed, not on the others in the request.
         scheduler_name = request.scheduler if request.scheduler not in (None, "default") else self._default_name()
-        width = request.width or self.default_size
-        height = request.height or self.default_size
         images = []
         with self._seam.context.activate(states):
             for seed in request.seeds:
@@ -302,11 +316,36 @@ class PipelineService:
             )
         )
 
-    def _truncation_warnings(self, *prompts: str) -> list[str]:
+    def _region_state(
+        self, layout: str, parts: list[str], base: tuple[str, float] | None, width: int, height: int
+    ) -> ConditioningState:
+        """Each part's positive states (encoded as the pipeline encodes a prompt) and the stripes they apply to;
+        a base part covers the whole image with its ratio, the stripes share the rest."""
+        prompts = parts + ([base[0]] if base else [])
+        with torch.no_grad():
+            states = [
+                self.pipeline.encode_prompt(
+                    prompt=part, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )[0]
+                for part in prompts
+            ]
+        scale = int(self.pipeline.vae_scale_factor)
+        stripes = region_masks(layout, len(parts), height // scale, width // scale)
+        if base is None:
+            return _Regions(RegionStates(states, stripes))
+        ratio = base[1]
+
+        def masks(length: int) -> torch.Tensor:
+            inner = stripes(length) * (1.0 - ratio)
+            return torch.cat([inner, torch.full_like(inner[:1], ratio)])
+
+        return _Regions(RegionStates(states, masks))
+
+    def _truncation_warnings(self, named: list[tuple[str, str]]) -> list[str]:
         warnings = []
         tokenizer = self.family.tokenizers(self.pipeline)[0]
         limit = int(tokenizer.model_max_length)
-        for what, text in zip(("prompt", "negative prompt"), prompts, strict=True):
+        for what, text in named:
             count = len(tokenizer(text, truncation=False).input_ids)
             if count > limit:
                 warnings.append(f"the {what} is {count} tokens; the text encoder reads {limit}, the rest is ignored")
@@ -370,3 +409,14 @@ def _placeholders(entry: CachedAdapter) -> list[str]:
 
 def _no_adapters(name: str) -> Path:
     raise NotFoundError(f"expected an adapter named '{name}', but this pipeline has no adapter library")
+
+
+class _Regions(ConditioningState):
+    """Regional prompting for one request: the same region states for every cross-attention call."""
+
+    def __init__(self, regions: RegionStates) -> None:
+        self.regions = regions
+
+    def region_states(self, call: LayerCall) -> RegionStates | None:
+        """Every call of the request reads the regions."""
+        return self.regions

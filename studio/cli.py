@@ -264,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=_positive_int, metavar="PX")
     generate.add_argument("--height", type=_positive_int, metavar="PX")
     generate.add_argument("--scheduler", metavar="NAME", help="sampler, e.g. ddim, euler, dpm++")
+    generate.add_argument(
+        "--regions",
+        metavar="LAYOUT",
+        help="columns or rows: one stripe per BREAK-separated part of the prompt (regional prompting)",
+    )
+    generate.add_argument(
+        "--base-ratio", type=float, metavar="F", help="with --regions: weight of the part before ADDBASE (0.2)"
+    )
     generate.add_argument("--out", metavar="PATH", help="output image or folder (default: <home>/outputs)")
     generate.set_defaults(handler=_generate)
 

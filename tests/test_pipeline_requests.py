@@ -54,6 +54,10 @@ def test_adapter_ref_rejects_malformed_text(text):
         ({"adapters": [AdapterRef("a", 1e6)]}, "between"),
         ({"adapters": [AdapterRef("a", 1.0, {"truncation": math.nan})]}, "truncation"),
         ({"adapters": [AdapterRef("a"), AdapterRef("a", 0.5)]}, "twice"),
+        ({"regions": "diagonal"}, "regions should be one of columns, rows"),
+        ({"regions": "columns"}, "two or more non-empty parts separated by BREAK, got 1"),
+        ({"regions": "columns", "prompt": "a cat BREAK "}, "got 1 part"),
+        ({"regions": "rows", "prompt": "a BREAK b", "base_ratio": 1.0}, "base_ratio"),
     ],
 )
 def test_invalid_requests_get_one_line_errors(changes, message):
@@ -117,6 +121,10 @@ def test_cli_request_and_output_paths(tmp_path):
     request = request_from_args(cli_args(num_images=3, adapter=["a:0.5"]))
     assert request.seeds == [3, 4, 5] and request.adapters == [AdapterRef("a", 0.5)]
     assert len(set(request_from_args(cli_args(seed=None)).seeds)) == 1
+    regional = request_from_args(cli_args(prompt="a BREAK b", regions="rows", base_ratio=0.3))
+    assert (regional.regions, regional.base_ratio, regional.region_prompts()) == ("rows", 0.3, ["a", "b"])
+    with pytest.raises(InvalidInputError, match="regions should be one of"):
+        request_from_args(cli_args(prompt="a BREAK b", regions="grid"))
     (tmp_path / "s-3.png").touch()
     assert [p.name for p in output_paths(tmp_path, [3, 4], "s")] == ["s-3-1.png", "s-4.png"]
     with pytest.raises(InvalidInputError):
@@ -141,3 +149,13 @@ def test_generate_from_cli_saves_pngs_with_metadata(home, monkeypatch, capsys):
     single = home.root / "one.png"
     assert generate_from_cli(cli_args(adapter=["style:0.7"], out=str(single)), home) == 0
     assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(printed[0])))
+
+
+def test_regional_prompts_split_on_break_after_an_optional_base():
+    plain = GenerationRequest(prompt="a cat BREAK a dog")
+    assert plain.region_prompts() == [] and plain.region_base() == ""
+    request = GenerationRequest(prompt="a cat and a dog ADDBASE a cat BREAK  a dog ", regions="columns")
+    request.validate()
+    assert request.region_base() == "a cat and a dog"
+    assert request.region_prompts() == ["a cat", "a dog"]
+    assert request.describe()["regions"] == "columns"

@@ -86,7 +86,7 @@ def served(tmp_path_factory):
 
 def _generate(client, prompt: str, *, adapters: list[list] | None = None, width: int = 0, seed: int = 3):
     table = {"headers": ADAPTER_HEADERS, "data": adapters or [], "metadata": None}
-    return client.predict(prompt, "", seed, 1, 2, 5.0, width, 0, "default", table, api_name="/generate")
+    return client.predict(prompt, "", seed, 1, 2, 5.0, width, 0, "default", table, "none", api_name="/generate")
 
 
 def test_generate_shows_the_image_and_saves_it_with_its_parameters(served):

@@ -21,6 +21,7 @@ from ui.common import DEVICE, PageContext, user_errors
 
 ADAPTER_COLUMNS = ["adapter", "weight", "truncation", "strength"]
 SCHEDULERS = ["default", "ddim", "euler", "euler_a", "dpm++", "unipc", "pndm"]
+REGIONS = ["none", "columns", "rows"]  # pipelines.requests.REGION_LAYOUTS, with "none" first
 MAX_IMAGES = 4
 
 
@@ -74,6 +75,7 @@ def generate(
     height: float,
     scheduler: str,
     adapters: Any,
+    regions: str | None = None,
 ) -> tuple[list[tuple[str, str]], str]:
     """Make the images, save them with their parameters under ``home/outputs``; returns the gallery and a note."""
     from pipelines import GenerationRequest, save_png
@@ -95,6 +97,7 @@ def generate(
         height=int(height) if height else None,
         scheduler=None if scheduler in (None, "", "default") else scheduler,
         adapters=parse_adapters(adapters),
+        regions=None if regions in (None, "", "none") else regions,
     )
 
     # 2. One call into the shared pipeline.
@@ -175,6 +178,11 @@ def build_page(context: PageContext) -> gr.Blocks:
                     width = gr.Number(label="Width (0: model default)", value=0, precision=0)
                     height = gr.Number(label="Height (0: model default)", value=0, precision=0)
                     scheduler = gr.Dropdown(SCHEDULERS, value="default", label="Sampler")
+                    regions = gr.Dropdown(
+                        REGIONS,
+                        value="none",
+                        label="Regions (prompt parts split by BREAK)",
+                    )
                 with gr.Accordion("Adapters", open=True):
                     chosen = gr.Dropdown(
                         [], multiselect=True, label="Adapters from the library", allow_custom_value=True
@@ -209,7 +217,7 @@ def build_page(context: PageContext) -> gr.Blocks:
         chosen.change(adapter_rows, inputs=[chosen, adapters], outputs=adapters)
         run.click(
             user_errors(lambda *values: generate(context, *values)),
-            inputs=[prompt, negative, seed, num_images, steps, guidance, width, height, scheduler, adapters],
+            inputs=[prompt, negative, seed, num_images, steps, guidance, width, height, scheduler, adapters, regions],
             outputs=[gallery, note],
             api_name="generate",
             concurrency_id=DEVICE,

@@ -85,8 +85,21 @@ class ExtraTokens:
     scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class RegionStates:
+    """Regional prompting: each region's encoder states and where in the image it applies.
+
+    ``states[i]`` is ``[1, tokens, width]`` (the positive prompt of region ``i``); ``masks(length)`` gives
+    ``[regions, length, 1]`` weights over the query positions of a call whose flattened feature map has ``length``
+    positions, summing to 1 at every position. Negative rows keep the pipeline's negative-prompt states.
+    """
+
+    states: Sequence[torch.Tensor]
+    masks: Callable[[int], torch.Tensor]
+
+
 class ConditioningState:
-    """What one request's conditioning adapter supplies to the processors. Override one or both methods.
+    """What one request's conditioning adapter supplies to the processors. Override one or more methods.
 
     Both are called for every cross-attention call of every U-Net call; return ``None`` to leave that call alone.
     """
@@ -97,6 +110,10 @@ class ConditioningState:
 
     def extra_tokens(self, call: LayerCall) -> ExtraTokens | None:
         """An extra token branch for this call, or ``None``."""
+        return None
+
+    def region_states(self, call: LayerCall) -> RegionStates | None:
+        """Per-region encoder states for this call (regional prompting), or ``None``."""
         return None
 
 
@@ -187,6 +204,13 @@ class _CombinedState(ConditioningState):
     def extra_tokens_all(self, call: LayerCall) -> list[ExtraTokens]:
         return [extra for state in self.states if (extra := state.extra_tokens(call)) is not None]
 
+    def region_states(self, call: LayerCall) -> RegionStates | None:
+        for state in self.states:
+            result = state.region_states(call)
+            if result is not None:
+                return result
+        return None
+
 
 def _overrides(state: ConditioningState, method: str) -> bool:
     return getattr(type(state), method) is not getattr(ConditioningState, method)
@@ -208,10 +232,14 @@ class ConditioningContext:
     @contextlib.contextmanager
     def activate(self, states: Sequence[tuple[str, ConditioningState]]) -> Iterator[None]:
         """Make ``states`` (``(adapter name, state)`` pairs) active for the duration of the block."""
-        providers = [name for name, state in states if _overrides(state, "key_value_states")]
+        providers = [
+            name
+            for name, state in states
+            if _overrides(state, "key_value_states") or _overrides(state, "region_states")
+        ]
         if len(providers) > 1:
             raise InvalidInputError(
-                f"expected at most one adapter that replaces cross-attention states per request, found "
+                f"expected at most one adapter (or regions) that replaces cross-attention states per request, found "
                 f"{len(providers)}: {', '.join(providers)}"
             )
         self.state = _CombinedState([state for _, state in states]) if states else None
@@ -250,8 +278,12 @@ class ConditionedAttnProcessor:
         if state is None or encoder_hidden_states is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         call = LayerCall(self.layer_index, self.layer_name, self.context.timestep, encoder_hidden_states)
-        states = state.key_value_states(call)
         extras = state.extra_tokens_all(call)
+        regions = state.region_states(call)
+        if regions is not None:
+            self.context.calls += 1
+            return _attend_regions(attn, hidden_states, encoder_hidden_states, regions, extras, attention_mask, temb)
+        states = state.key_value_states(call)
         if states is None and not extras:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         self.context.calls += 1
@@ -323,6 +355,58 @@ def _attend(
     if attn.residual_connection:
         out = out + residual
     return out / attn.rescale_output_factor
+
+
+def _attend_regions(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    regions: RegionStates,
+    extras: Sequence[ExtraTokens],
+    attention_mask: torch.Tensor | None,
+    temb: torch.Tensor | None,
+) -> torch.Tensor:
+    """Cross-attention once per region, blended by the region masks over the query positions.
+
+    Blending the finished outputs is the same as blending the attention results: the output projection is affine and
+    the masks sum to 1 at every position. With guidance the negative rows (first half) read the pipeline's negative
+    states in every region, so their output is the stock one.
+    """
+    batch = hidden_states.shape[0]
+    length = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+    negative = batch // 2 if encoder_hidden_states.shape[0] == batch and batch % 2 == 0 else 0
+    masks = regions.masks(length).to(hidden_states.device, hidden_states.dtype)
+    blended: torch.Tensor | None = None
+    for index, region in enumerate(regions.states):
+        region = region.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+        states = torch.cat([encoder_hidden_states[:negative], region.expand(batch - negative, -1, -1)])
+        out = _attend(attn, hidden_states, KeyValueStates(states, states), extras, attention_mask, temb)
+        weight = masks[index] if out.ndim == 3 else masks[index].reshape(1, 1, *hidden_states.shape[2:])
+        if blended is None:
+            blended = out.clone()
+            blended[negative:] = out[negative:] * weight
+        else:
+            blended[negative:] += out[negative:] * weight
+    assert blended is not None  # RegionStates always holds two or more regions
+    return blended
+
+
+def region_masks(layout: str, count: int, height: int, width: int) -> Callable[[int], torch.Tensor]:
+    """``masks(length)`` for ``count`` equal stripes ("columns": side by side, "rows": stacked) of a latent of
+    ``height`` x ``width``: a U-Net level with ``length`` positions has the latent's aspect ratio, downsampled."""
+
+    def masks(length: int) -> torch.Tensor:
+        scale = (height * width / length) ** 0.5
+        rows, cols = max(1, round(height / scale)), max(1, round(width / scale))
+        if rows * cols != length:
+            raise ValueError(f"a feature map of {length} positions does not fit a {height}x{width} latent")
+        along = cols if layout == "columns" else rows
+        index = (torch.arange(along) * count) // along  # the region of each column (or row)
+        grid = index.view(1, cols) if layout == "columns" else index.view(rows, 1)
+        grid = grid.expand(rows, cols).reshape(-1)
+        return torch.stack([(grid == r).float() for r in range(count)]).unsqueeze(-1)
+
+    return masks
 
 
 # -- installation -------------------------------------------------------------------------------------------------

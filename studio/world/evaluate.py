@@ -61,8 +61,12 @@ def evaluate_concept_pair(
     steps: int = 20,
     guidance: float = 7.5,
     judge: Judge | None = None,
+    regions: str | None = None,
 ) -> tuple[ConceptScore, ConceptScore]:
     """Generate ``a {token_a} and a {token_b} on a {bg} background`` and score each concept on its own object.
+
+    With ``regions`` ("columns" or "rows") the prompt is regional instead: that sentence as the base, then
+    ``a {token_a} on a {bg} background BREAK a {token_b} on a {bg} background`` (`GenerationRequest.regions`).
 
     Backgrounds are new to both concepts. Each image's two largest foreground parts are assigned to the concepts
     (`object_concept_similarities`); a concept whose object is missing or merged with the other scores 0 on that
@@ -79,7 +83,10 @@ def evaluate_concept_pair(
     images: list[Image.Image] = []
     for bg in backgrounds:
         prompt = f"a {prompt_tokens[0]} and a {prompt_tokens[1]} on a {bg} background"
-        batch = _generate(service, prompt, seeds, adapters, steps, guidance)
+        if regions is not None:
+            parts = [f"a {token} on a {bg} background" for token in prompt_tokens]
+            prompt = f"{prompt} ADDBASE {parts[0]} BREAK {parts[1]}"
+        batch = _generate(service, prompt, seeds, adapters, steps, guidance, regions)
         scores = object_concept_similarities(batch, references)
         for (a, b), reading in zip(scores, judge.read(batch), strict=True):
             sims[0].append(a)
@@ -104,10 +111,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def _generate(
-    service: Any, prompt: str, seeds: Sequence[int], adapters: Sequence[AdapterRef], steps: int, guidance: float
+    service: Any,
+    prompt: str,
+    seeds: Sequence[int],
+    adapters: Sequence[AdapterRef],
+    steps: int,
+    guidance: float,
+    regions: str | None = None,
 ) -> list[Image.Image]:
     request = GenerationRequest(
-        prompt=prompt, seeds=list(seeds), steps=steps, guidance=guidance, adapters=list(adapters)
+        prompt=prompt, seeds=list(seeds), steps=steps, guidance=guidance, adapters=list(adapters), regions=regions
     )
     return list(service.generate(request).images)
 
