@@ -3,7 +3,9 @@
 For each held-out simulated user (`studio.world.users.random_user` with seeds not used in development):
 
 1. Preference data: the base model draws two images (two seeds) per training prompt; the user labels each pair with
-   its Bradley-Terry pick (`SimulatedUser.pick` on its judge-read scores).
+   its Bradley-Terry pick (`SimulatedUser.pick` on its judge-read scores), and skips a pair that ties for it (as the
+   studio's picker lets a person skip) until it has made the picks asked for. The log says how many base pairs tied:
+   the base often draws both seeds of an open prompt alike in what a taste is about.
 2. The preference: ``user`` mode trains the user's tokens on 16 pairs; ``population`` mode trains one PPD model over
    many other simulated users once, then embeds the held-out user from 4 pairs without training; ``attributes`` mode
    types in the user's liked/disliked attributes (what the user would say about their taste: the features its
@@ -230,7 +232,8 @@ def user_pairs(setup: Setup, user: SimulatedUser, count: int, seed: int) -> list
         offset += batch
         batch = max(2, count - len(pairs))
     # How often two base images tie for this user: the share of picks a person would skip.
-    logger.info("%s: %d picks from %d base pairs (%d ties skipped)", user.name, len(pairs), offset, offset - len(pairs))
+    skipped, used = offset - len(pairs), min(count, len(pairs))
+    logger.info("%s: %d base pairs drawn, %d ties skipped, %d picks used", user.name, offset, skipped, used)
     return pairs[:count]
 
 
