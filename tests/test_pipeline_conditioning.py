@@ -198,6 +198,11 @@ def test_seam_on_sdxl_keeps_the_stock_result(fake_kind, tmp_path):
     assert np.array_equal(pixels(service.generate(request).images[0]), stock)
     calls = fake_kind.instances[0].states[0].calls
     assert sorted({index for index, *_ in calls}) == list(range(len(service.layer_names)))
+    # Regions on SDXL (2048-wide states from two encoders): identical parts keep the stock image.
+    regional = GenerationRequest(
+        prompt=f"{PROMPT} BREAK {PROMPT}", seeds=[1], steps=2, width=SIZE, height=SIZE, regions="rows"
+    )
+    assert np.abs(pixels(service.generate(regional).images[0]) - stock).max() <= 1
 
 
 def test_region_masks_cover_every_position_once_at_every_level():
