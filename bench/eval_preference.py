@@ -111,7 +111,7 @@ class Setup:
         self.service = PipelineService(self._base(), adapter_source=self.folder)
         self.judge = Judge(JudgeNet()) if args.smoke else Judge.load()
         self.features = JudgeFeatures(self.judge.net)
-        self._readings: dict[int, Reading] = {}
+        self._readings: dict[int, tuple[Image.Image, Reading]] = {}
         self._base_cache: dict[str, list[Image.Image]] = {}
 
     def _base(self) -> BaseModel:
@@ -138,10 +138,12 @@ class Setup:
         return self._base_cache[prompt]
 
     def read(self, images: Sequence[Image.Image]) -> list[Reading]:
-        missing = [image for image in images if id(image) not in self._readings]
+        """The judge's readings, each image read once. The cache holds the image with its reading: an ``id`` is
+        reused once its image is freed, and keying by ``id`` alone handed a new image a dead image's reading."""
+        missing = [image for image in images if self._readings.get(id(image), (None,))[0] is not image]
         for image, reading in zip(missing, self.judge.read(missing), strict=True):
-            self._readings[id(image)] = reading
-        return [self._readings[id(image)] for image in images]
+            self._readings[id(image)] = (image, reading)
+        return [self._readings[id(image)][1] for image in images]
 
 
 OPEN_STYLES = ("bare", "no_colour", "no_background")
