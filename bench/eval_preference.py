@@ -181,9 +181,7 @@ def evaluation_scenes(count: int, style: str) -> list[Scene]:
     return scenes
 
 
-def training_pool(
-    setup: Setup, count: int, seed: int, start: int = 0
-) -> list[tuple[str, Image.Image, Image.Image]]:
+def training_pool(setup: Setup, count: int, seed: int, start: int = 0) -> list[tuple[str, Image.Image, Image.Image]]:
     """``count`` training prompts (the base's own training distribution, in the prompt style), two seeds each.
 
     ``start`` skips that many prompts of the same stream, so a pool can be extended without repeating itself.

@@ -26,9 +26,7 @@ N_MERGES = 49152 - 256 - 2
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP reversible map from bytes to printable unicode characters."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = printable[:]
     extra = 0

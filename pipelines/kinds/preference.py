@@ -440,9 +440,7 @@ class PreferenceKind:
         disliked_here = attributes_for_prompt(self.disliked, request.prompt, nouns)
         liked = _encode_text(pipeline, _shuffled(liked_here, request.prompt), request.device) if liked_here else None
         disliked = (
-            _encode_text(pipeline, _shuffled(disliked_here, request.prompt), request.device)
-            if disliked_here
-            else None
+            _encode_text(pipeline, _shuffled(disliked_here, request.prompt), request.device) if disliked_here else None
         )
         _ensure_guidance_hook(pipeline.unet, _seam_context(pipeline.unet, request.layer_names))
         return AttributeGuidanceState(liked, disliked, scale)
