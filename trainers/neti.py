@@ -547,6 +547,9 @@ class _LayerStates:
     def extra_tokens(self, call: Any) -> None:
         return None
 
+    def region_states(self, call: Any) -> None:
+        return None
+
 
 def _load_latents(pipeline: Any, images: Path, resolution: int, fingerprint: str) -> torch.Tensor:
     from trainers.core.caching import TensorCache, cache_latents

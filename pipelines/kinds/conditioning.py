@@ -206,9 +206,7 @@ class _CombinedState(ConditioningState):
 
     def region_states(self, call: LayerCall) -> RegionStates | None:
         for state in self.states:
-            # getattr: states written before regions existed (duck-typed, like NeTI training's) have no such method.
-            method = getattr(state, "region_states", None)
-            result = method(call) if method is not None else None
+            result = state.region_states(call)
             if result is not None:
                 return result
         return None
