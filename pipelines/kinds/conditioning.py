@@ -189,27 +189,20 @@ def kind_factory(kind: str) -> KindFactory | None:
 
 
 class _CombinedState(ConditioningState):
-    """Several adapters' states in one request: one key/value provider at most, extra token branches summed."""
+    """Several adapters' states in one request: one provider of key/value or region states at most (`activate`
+    checks), extra token branches summed."""
 
     def __init__(self, states: Sequence[ConditioningState]) -> None:
         self.states = list(states)
 
     def key_value_states(self, call: LayerCall) -> KeyValueStates | None:
-        for state in self.states:
-            result = state.key_value_states(call)
-            if result is not None:
-                return result
-        return None
+        return next((kv for state in self.states if (kv := state.key_value_states(call)) is not None), None)
 
     def extra_tokens_all(self, call: LayerCall) -> list[ExtraTokens]:
         return [extra for state in self.states if (extra := state.extra_tokens(call)) is not None]
 
     def region_states(self, call: LayerCall) -> RegionStates | None:
-        for state in self.states:
-            result = state.region_states(call)
-            if result is not None:
-                return result
-        return None
+        return next((regions for state in self.states if (regions := state.region_states(call)) is not None), None)
 
 
 def _overrides(state: ConditioningState, method: str) -> bool:
