@@ -39,7 +39,7 @@ from studio.home import StudioHome  # noqa: E402
 from studio.library import AdapterLibrary  # noqa: E402
 from ui.process import UIProcess, free_port  # noqa: E402
 
-ADAPTER_HEADERS = ["adapter", "weight", "truncation", "strength"]
+ADAPTER_HEADERS = ["adapter", "weight", "truncation", "strength", "region"]
 # One adapter set per user: single adapters, weights other than 1, and mixes of LoRAs and embeddings.
 USER_SETS: list[list[tuple[str, float]]] = [
     [("lora-0", 1.0)],
@@ -108,7 +108,7 @@ class Request:
     adapters: list[tuple[str, float]]
 
     def args(self, steps: int, size: int) -> tuple:
-        table = {"headers": ADAPTER_HEADERS, "data": [[n, w, "", ""] for n, w in self.adapters], "metadata": None}
+        table = {"headers": ADAPTER_HEADERS, "data": [[n, w, "", "", ""] for n, w in self.adapters], "metadata": None}
         return (self.prompt, "", self.seed, 1, steps, 7.5, size, size, "default", table, "none")
 
 

@@ -46,6 +46,9 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     base_ratio = getattr(args, "base_ratio", None)
     if base_ratio is not None:
         request.base_ratio = base_ratio
+    region_mode = getattr(args, "region_mode", None)
+    if region_mode is not None:
+        request.region_mode = region_mode
     request.validate()
     return request
 

@@ -37,6 +37,10 @@ MAX_ABS_WEIGHT = 10.0
 SIZE_MULTIPLE = 8
 REGION_LAYOUTS = ("columns", "rows")
 """How ``GenerationRequest.regions`` splits the image: side-by-side stripes or stacked stripes."""
+REGION_MODES = ("attention", "latent")
+"""How regions are drawn: per-region cross-attention in one U-Net pass, or one U-Net view per region
+(`pipelines.latent_regions`), where a LoRA can be given to one region with the adapter option ``region``."""
+REGION_OPTION = "region"
 REGION_SEPARATOR = "BREAK"
 REGION_BASE = "ADDBASE"
 MAX_REGIONS = 8
@@ -127,6 +131,11 @@ class GenerationRequest:
     with a base part ending in ``ADDBASE`` ("a <my-toy> and a <my-cat> on a red background ADDBASE ...") lays that
     base over the whole image with weight ``base_ratio`` (Regional Prompter's base prompt): it gives the layout of
     the whole scene, the regions their own subjects.
+
+    ``region_mode`` "latent" draws each region as its own U-Net view instead (MultiDiffusion; Regional Prompter's
+    Latent mode): each subject is drawn as the model draws a subject alone, the views blend where they overlap, and a
+    LoRA with the option ``region=N`` (``AdapterRef.parse("my-lora:1,region=2")``) applies only to region N. Give the
+    image about one native side per region along the split (a wider image for "columns").
     """
 
     prompt: str
@@ -140,6 +149,7 @@ class GenerationRequest:
     adapters: list[AdapterRef] = field(default_factory=list)
     regions: str | None = None
     base_ratio: float = 0.2
+    region_mode: str = "attention"
 
     def region_base(self) -> str:
         """The base part of a regional prompt (before ``ADDBASE``), or ``""``."""
@@ -213,6 +223,15 @@ class GenerationRequest:
             ratio = _finite_number(self.base_ratio, "base_ratio")
             if not 0.0 <= ratio < 1.0:
                 raise InvalidInputError(f"base_ratio should be from 0 up to (not including) 1, got {ratio:g}")
+            if self.region_mode not in REGION_MODES:
+                raise InvalidInputError(
+                    f"region_mode should be one of {', '.join(REGION_MODES)}, got {self.region_mode!r}"
+                )
+            if self.region_mode == "latent" and self.region_base():
+                raise InvalidInputError(
+                    f"latent regions take no {REGION_BASE} base part (each region is drawn on its own); "
+                    f"found one in {self.prompt!r}"
+                )
         # 6. Adapters.
         seen: set[str] = set()
         for ref in self.adapters:
@@ -220,6 +239,21 @@ class GenerationRequest:
             if ref.name in seen:
                 raise InvalidInputError(f"adapter '{ref.name}' is named twice in one request; give it once")
             seen.add(ref.name)
+            if REGION_OPTION in ref.options:
+                self._check_region_option(ref)
+
+    def _check_region_option(self, ref: AdapterRef) -> None:
+        value = ref.options[REGION_OPTION]
+        count = len(self.region_prompts())
+        if self.regions is None or self.region_mode != "latent":
+            raise InvalidInputError(
+                f"adapter '{ref.name}' has region={value:g}, which needs latent regions (regions with "
+                f"region_mode 'latent'); found {'no regions' if self.regions is None else 'attention regions'}"
+            )
+        if value != int(value) or not 1 <= value <= count:
+            raise InvalidInputError(
+                f"adapter '{ref.name}' has region={value:g}; expected a region number from 1 to {count}"
+            )
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description of the request (adapters by name, weight and options)."""
@@ -233,7 +267,11 @@ class GenerationRequest:
             "height": self.height,
             "scheduler": self.scheduler,
             "adapters": [ref.describe() for ref in self.adapters],
-            **({"regions": self.regions, "base_ratio": self.base_ratio} if self.regions else {}),
+            **(
+                {"regions": self.regions, "base_ratio": self.base_ratio, "region_mode": self.region_mode}
+                if self.regions
+                else {}
+            ),
         }
 
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,10 @@ from pipelines.kinds.conditioning import (
 )
 from pipelines.kinds.embeddings import EmbeddingSlots, EmbeddingUse, references_of, rewrite_prompts
 from pipelines.kinds.lora import DEFAULT_MAX_RESIDENT, LoraSlots
-from pipelines.requests import SIZE_MULTIPLE, GenerationRequest, GenerationResult
+from pipelines.latent_regions import LatentRegions, region_views
+from pipelines.requests import REGION_OPTION, SIZE_MULTIPLE, AdapterRef, GenerationRequest, GenerationResult
 from studio.adapter_files import AdapterFile, load_adapter
-from studio.errors import FamilyMismatchError, NotAvailableError, NotFoundError
+from studio.errors import FamilyMismatchError, InvalidInputError, NotAvailableError, NotFoundError
 from studio.home import StudioHome
 from studio.library import AdapterLibrary, check_compatible
 
@@ -197,11 +199,20 @@ class PipelineService:
         ]
         width = request.width or self.default_size
         height = request.height or self.default_size
+        views: AbstractContextManager[Any] = nullcontext()
         if request.regions is not None:
             if any(entry.kind == "neti" for entry in entries):
                 raise NotAvailableError("regions together with a NeTI adapter are not available yet")
-            base = (base_part, request.base_ratio) if base_part else None
-            states.append(("regions", self._region_state(request.regions, parts, base, width, height)))
+            if request.region_mode == "latent":
+                if states:
+                    raise NotAvailableError(
+                        f"latent regions together with the conditioning adapter '{states[0][0]}' "
+                        "are not available yet; use region_mode 'attention'"
+                    )
+                views = self._latent_regions(request, parts, entries, width, height)
+            else:
+                base = (base_part, request.base_ratio) if base_part else None
+                states.append(("regions", self._region_state(request.regions, parts, base, width, height)))
         if not self._seam.is_installed():
             logger.warning("the conditioning processors were replaced; installing them again")
             self._seam.reinstall()
@@ -210,7 +221,7 @@ class PipelineService:
         # 3. Generate, one seed at a time: an image depends only on its own seed, not on the others in the request.
         scheduler_name = request.scheduler if request.scheduler not in (None, "default") else self._default_name()
         images = []
-        with self._seam.context.activate(states):
+        with self._seam.context.activate(states), views:
             for seed in request.seeds:
                 self.pipeline.scheduler = self._fresh_scheduler(request.scheduler)
                 # A CPU generator: the same seed gives the same starting noise on every device.
@@ -248,6 +259,11 @@ class PipelineService:
                 "base_fingerprint": self.fingerprint,
                 "family": self.family.name,
                 "adapters": adapters,
+                **(
+                    {"regions": request.regions, "base_ratio": request.base_ratio, "region_mode": request.region_mode}
+                    if request.regions
+                    else {}
+                ),
                 "studio_version": studio.__version__,
             }
             for seed in request.seeds
@@ -340,6 +356,63 @@ class PipelineService:
             return torch.cat([inner, torch.full_like(inner[:1], ratio)])
 
         return _Regions(RegionStates(states, masks))
+
+    def _latent_regions(
+        self, request: GenerationRequest, parts: list[str], entries: Sequence[CachedAdapter], width: int, height: int
+    ) -> LatentRegions:
+        """One U-Net view per region (`pipelines.latent_regions`), with each region's LoRA when LoRAs have regions."""
+        loras: list[AdapterRef] = []
+        for ref, entry in zip(request.adapters, entries, strict=True):
+            if REGION_OPTION in ref.options and entry.kind != LORA:
+                raise InvalidInputError(
+                    f"adapter '{ref.name}' is a {entry.kind} adapter; the option {REGION_OPTION} is for LoRA adapters "
+                    "(put a token in a region by writing it in that region's part of the prompt)"
+                )
+            if entry.kind == LORA and ref.weight != 0:
+                loras.append(ref)
+        lora_names: list[str | None] | None = None
+        if any(REGION_OPTION in ref.options for ref in loras):
+            # peft's mixed batches give each row one adapter: a region runs with at most one LoRA.
+            lora_names = []
+            for number in range(1, len(parts) + 1):
+                here = [ref.name for ref in loras if int(ref.options.get(REGION_OPTION, number)) == number]
+                if len(here) > 1:
+                    raise NotAvailableError(
+                        f"region {number} would use the LoRAs {', '.join(here)}; when LoRAs are given regions, "
+                        "more than one LoRA in one region is not available yet"
+                    )
+                lora_names.append(self._loras.pipeline_name(here[0]) if here else None)
+            in_text = {
+                name
+                for component, names in self.pipeline.get_list_adapters().items()
+                if component.startswith("text_encoder")
+                for name in names
+            }
+            for ref in loras:
+                if REGION_OPTION in ref.options and self._loras.pipeline_name(ref.name) in in_text:
+                    raise NotAvailableError(
+                        f"LoRA '{ref.name}' also changes the text encoder; giving such a LoRA a region is not "
+                        "available yet"
+                    )
+        states, pooled = [], []
+        with torch.no_grad():
+            for part in parts:
+                encoded = self.pipeline.encode_prompt(
+                    prompt=part, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+                states.append(encoded[0])
+                pooled.append(encoded[2] if len(encoded) > 2 else None)
+        scale = int(self.pipeline.vae_scale_factor)
+        unet = self.pipeline.unet
+        views = region_views(
+            request.regions or "columns",
+            len(parts),
+            height=height // scale,
+            width=width // scale,
+            native=int(unet.config.sample_size),
+        )
+        guided = request.guidance > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None
+        return LatentRegions(unet, views, states, guided=guided, pooled=pooled, lora_names=lora_names)
 
     def _truncation_warnings(self, named: list[tuple[str, str]]) -> list[str]:
         warnings = []

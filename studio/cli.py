@@ -272,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--base-ratio", type=float, metavar="F", help="with --regions: weight of the part before ADDBASE (0.2)"
     )
+    generate.add_argument(
+        "--region-mode",
+        metavar="MODE",
+        help="with --regions: attention (default; one U-Net pass) or latent (one U-Net view per region; a LoRA "
+        "takes a region with --adapter NAME:1,region=N; make the image about one native side per region wide)",
+    )
     generate.add_argument("--out", metavar="PATH", help="output image or folder (default: <home>/outputs)")
     generate.set_defaults(handler=_generate)
 

@@ -125,6 +125,12 @@ def test_cli_request_and_output_paths(tmp_path):
     assert (regional.regions, regional.base_ratio, regional.region_prompts()) == ("rows", 0.3, ["a", "b"])
     with pytest.raises(InvalidInputError, match="regions should be one of"):
         request_from_args(cli_args(prompt="a BREAK b", regions="grid"))
+    latent = request_from_args(
+        cli_args(prompt="a BREAK b", regions="columns", region_mode="latent", adapter=["l:1,region=2"])
+    )
+    assert (latent.region_mode, latent.adapters[0].options) == ("latent", {"region": 2.0})
+    with pytest.raises(InvalidInputError, match="region_mode should be one of attention, latent"):
+        request_from_args(cli_args(prompt="a BREAK b", regions="rows", region_mode="pixels"))
     (tmp_path / "s-3.png").touch()
     assert [p.name for p in output_paths(tmp_path, [3, 4], "s")] == ["s-3-1.png", "s-4.png"]
     with pytest.raises(InvalidInputError):

@@ -24,7 +24,7 @@ from studio.home import StudioHome
 from studio.jobs import JobContext, JobMethod, JobStore, register_method, run_worker
 from trainers.core.progress import ProgressReporter
 
-ADAPTER_HEADERS = ["adapter", "weight", "truncation", "strength"]
+ADAPTER_HEADERS = ["adapter", "weight", "truncation", "strength", "region"]
 
 
 def _fake_textual_inversion(context: JobContext) -> dict:
@@ -84,9 +84,11 @@ def served(tmp_path_factory):
         patch.undo()
 
 
-def _generate(client, prompt: str, *, adapters: list[list] | None = None, width: int = 0, seed: int = 3):
+def _generate(
+    client, prompt: str, *, adapters: list[list] | None = None, width: int = 0, seed: int = 3, regions: str = "none"
+):
     table = {"headers": ADAPTER_HEADERS, "data": adapters or [], "metadata": None}
-    return client.predict(prompt, "", seed, 1, 2, 5.0, width, 0, "default", table, "none", api_name="/generate")
+    return client.predict(prompt, "", seed, 1, 2, 5.0, width, 0, "default", table, regions, api_name="/generate")
 
 
 def test_generate_shows_the_image_and_saves_it_with_its_parameters(served):
@@ -98,6 +100,11 @@ def test_generate_shows_the_image_and_saves_it_with_its_parameters(served):
     metadata = read_png_metadata(saved)
     assert metadata["prompt"] == "a red circle" and metadata["seed"] == 3
     assert str(saved.parent) in note
+    # Latent regions from the Regions menu: the saved parameters say how the image was made.
+    _generate(served.client, "a red circle BREAK a blue square", width=64, seed=4, regions="columns (latent)")
+    [regional] = sorted(served.home.outputs.rglob("*-4.png"))
+    metadata = read_png_metadata(regional)
+    assert (metadata["regions"], metadata["region_mode"], metadata["width"]) == ("columns", "latent", 64)
 
 
 def test_user_errors_show_as_one_line_messages(served):
@@ -108,7 +115,7 @@ def test_user_errors_show_as_one_line_messages(served):
     with pytest.raises(AppError, match="width should be a multiple of 8, got 12"):
         _generate(served.client, "a circle", width=12)
     with pytest.raises(AppError, match="expected an adapter named 'nobody'|nobody"):
-        _generate(served.client, "a circle", adapters=[["nobody", 1.0, "", ""]])
+        _generate(served.client, "a circle", adapters=[["nobody", 1.0, "", "", ""]])
 
 
 def test_an_unreadable_training_image_is_refused_before_anything_is_queued(served):
@@ -151,8 +158,8 @@ def test_queue_a_job_watch_it_finish_generate_with_it_and_download_it(served):
     assert sorted(p.name for p in uploaded.iterdir()) == ["photo0.png", "photo1.png"]
 
     # 3. Generate with the new adapter: the embedding changes the image of its token.
-    with_token, _ = _generate(served.client, "a photo of <toy>", adapters=[["toy", 1.0, "", ""]], seed=5)
-    without, _ = _generate(served.client, "a photo of <toy>", adapters=[["toy", 0.0, "", ""]], seed=5)
+    with_token, _ = _generate(served.client, "a photo of <toy>", adapters=[["toy", 1.0, "", "", ""]], seed=5)
+    without, _ = _generate(served.client, "a photo of <toy>", adapters=[["toy", 0.0, "", "", ""]], seed=5)
     assert len(with_token) == len(without) == 1
     saved = sorted(served.home.outputs.rglob("*-5*.png"))
     assert len(saved) == 2

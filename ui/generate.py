@@ -19,9 +19,10 @@ from studio.errors import InvalidInputError
 from studio.home import StudioHome
 from ui.common import DEVICE, PageContext, user_errors
 
-ADAPTER_COLUMNS = ["adapter", "weight", "truncation", "strength"]
+ADAPTER_COLUMNS = ["adapter", "weight", "truncation", "strength", "region"]
 SCHEDULERS = ["default", "ddim", "euler", "euler_a", "dpm++", "unipc", "pndm"]
-REGIONS = ["none", "columns", "rows"]  # pipelines.requests.REGION_LAYOUTS, with "none" first
+# pipelines.requests.REGION_LAYOUTS, with "none" first, then each in latent mode (one U-Net view per region)
+REGIONS = ["none", "columns", "rows", "columns (latent)", "rows (latent)"]
 MAX_IMAGES = 4
 
 
@@ -42,11 +43,12 @@ def adapter_choices(context: PageContext) -> list[str]:
 def adapter_rows(selected: list[str] | None, table: Any) -> list[list[Any]]:
     """The weight table for the chosen adapters, keeping what the user already typed for each."""
     previous = {row[0]: row for row in _rows(table) if row and row[0]}
-    return [previous.get(name, [name, 1.0, "", ""]) for name in selected or []]
+    return [previous.get(name, [name, 1.0, "", "", ""]) for name in selected or []]
 
 
 def parse_adapters(table: Any) -> list[Any]:
-    """`AdapterRef` s from the table: weight, and NeTI ``truncation`` / preference ``strength`` when filled in."""
+    """`AdapterRef` s from the table: weight, and NeTI ``truncation`` / preference ``strength`` / a LoRA's latent
+    ``region`` when filled in."""
     from pipelines import AdapterRef
 
     refs = []
@@ -56,7 +58,7 @@ def parse_adapters(table: Any) -> list[Any]:
         name = str(row[0]).strip()
         weight = _number(row[1] if len(row) > 1 else None, f"the weight of adapter '{name}'", default=1.0)
         options = {}
-        for key, value in zip(("truncation", "strength"), row[2:4], strict=False):
+        for key, value in zip(("truncation", "strength", "region"), row[2:5], strict=False):
             if not _blank(value):
                 options[key] = _number(value, f"the {key} of adapter '{name}'")
         refs.append(AdapterRef(name=name, weight=weight, options=options))
@@ -97,7 +99,8 @@ def generate(
         height=int(height) if height else None,
         scheduler=None if scheduler in (None, "", "default") else scheduler,
         adapters=parse_adapters(adapters),
-        regions=None if regions in (None, "", "none") else regions,
+        regions=None if regions in (None, "", "none") else regions.split()[0],
+        region_mode="latent" if regions and regions.endswith("(latent)") else "attention",
     )
 
     # 2. One call into the shared pipeline.
@@ -189,9 +192,10 @@ def build_page(context: PageContext) -> gr.Blocks:
                     )
                     adapters = gr.Dataframe(
                         headers=ADAPTER_COLUMNS,
-                        datatype=["str", "number", "str", "str"],
+                        datatype=["str", "number", "str", "str", "str"],
                         column_count=len(ADAPTER_COLUMNS),
-                        label="Weight per adapter; NeTI truncation and preference strength where they apply",
+                        label="Weight per adapter; NeTI truncation, preference strength, a LoRA's latent region "
+                        "(1, 2, ...) where they apply",
                         interactive=True,
                     )
                     refresh = gr.Button("Refresh adapter list", size="sm")
