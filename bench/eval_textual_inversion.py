@@ -40,6 +40,7 @@ from studio.world.judge import Judge  # noqa: E402
 from trainers.textual_inversion import TextualInversionConfig, train_textual_inversion  # noqa: E402
 
 BUDGET_S = 120.0
+REGION_SEEDS = (11, 22, 33, 44, 55, 66, 77, 88)
 
 
 def _train(concept, images: Path, library: AdapterLibrary, runs: Path, *, name: str, token: str, **options) -> dict:
@@ -61,6 +62,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compose", action="store_true", help="also score tokens next to a second token and a LoRA")
     parser.add_argument("--lora-weights", default="1.0,0.5", help="LoRA weights the --compose scores use")
+    parser.add_argument("--skip-pairs", action="store_true", help="with --compose, skip the two-concept prompts")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here too")
     args = parser.parse_args()
 
@@ -124,7 +126,7 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
     so its weight sets how much it moves the others. Each ``--lora-weights`` value is scored, the LoRA's "alone" at the
     same weight (as a user would set ``<lora:name:0.5>`` in AUTOMATIC1111 when combining)."""
     from studio.demo import DEMO_TRAINING
-    from studio.world.evaluate import evaluate_concept_pair
+    from studio.world.evaluate import evaluate_concept_pair, evaluate_concepts_in_regions
     from trainers.dreambooth import DreamBoothConfig, train_dreambooth
 
     main = max((e for e in report["variants"].items() if not e[1]["core_weight"]), key=lambda e: e[1]["vectors"])
@@ -150,6 +152,7 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
         if not is_lora
     }
     names = list(members)
+    same_backgrounds: dict[tuple[str, float | None], float] = {}
     for weight in [float(w) for w in args.lora_weights.split(",")]:
 
         def ref(adapter: str, is_lora: bool, weight: float = weight) -> AdapterRef:
@@ -167,6 +170,45 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
                 "background_alone": round(solo.background_compliance, 4),
                 "background_all_three_loaded": round(together.background_compliance, 4),
             }
+        # All three in one prompt, one latent region each; the LoRA given only its own region (region=3), then
+        # applied to every region, to show what scoping it buys.
+        tokens = [words for _, words, _, _ in members.values()]
+        region_kw = {**kw, "seeds": REGION_SEEDS}  # few backgrounds are new to all three: more seeds
+        concepts = [c for c, _, _, _ in members.values()]
+        for scoped in (True, False):
+            refs = [
+                AdapterRef(adapter, weight=weight, options={"region": index + 1} if scoped else {})
+                if is_lora
+                else AdapterRef(adapter)
+                for index, (_, _, adapter, is_lora) in enumerate(members.values())
+            ]
+            scores = evaluate_concepts_in_regions(service, concepts, tokens, refs, **region_kw)
+            label = "one_prompt_latent_regions" + ("" if scoped else "_lora_everywhere")
+            entry[label] = {
+                "prompt": " BREAK ".join(f"a {words} on a <colour> background" for words in tokens),
+                "adapters": [ref.describe() for ref in refs],
+                "n": scores[0].n,
+            }
+            for name, score in zip(members, scores, strict=True):
+                # "Alone": the concept's own adapter only, one concept per image, same backgrounds and seeds.
+                c, words, adapter, is_lora = members[name]
+                key = (name, weight if is_lora else None)
+                if key not in same_backgrounds:
+                    backgrounds = sorted({row["background"] for row in score.per_prompt})
+                    same_backgrounds[key] = evaluate_concept(
+                        service, c, words, [ref(adapter, is_lora)], backgrounds=backgrounds, **region_kw
+                    ).similarity
+                alone = same_backgrounds[key]
+                entry[label][name] = {
+                    "alone": round(alone, 4),
+                    "in_region": round(score.similarity, 4),
+                    "ratio": round(score.similarity / max(alone, 1e-6), 3),
+                    "background_in_region": round(score.background_compliance, 4),
+                }
+            print(f"one prompt at LoRA weight {weight}: {json.dumps(entry[label])}", file=sys.stderr)
+        if args.skip_pairs:
+            out["by_lora_weight"][str(weight)] = entry
+            continue
         for a, b in [(names[0], names[1]), (names[0], names[2]), (names[1], names[2])]:
             (ca, wa, _, _), (cb, wb, _, _) = members[a], members[b]
             for regions in (None, "columns"):  # one sentence, then regional prompting (one column per concept)

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from pipelines.requests import AdapterRef, GenerationRequest
+from pipelines.requests import REGION_SEPARATOR, AdapterRef, GenerationRequest
 from studio.world.concepts import Concept, new_context_prompts, reference_images
 from studio.world.judge import Judge
 from studio.world.scene import BACKGROUNDS, COLOURS, SHAPES, ObjectSpec, Scene, caption_for, is_held_out
@@ -100,6 +100,86 @@ def evaluate_concept_pair(
     )
 
 
+def evaluate_concepts_in_regions(
+    service: Any,
+    concepts: Sequence[Concept],
+    prompt_tokens: Sequence[str],
+    adapters: Sequence[AdapterRef] = (),
+    *,
+    overlap: float = 0.25,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    steps: int = 20,
+    guidance: float = 7.5,
+    judge: Judge | None = None,
+) -> list[ConceptScore]:
+    """Several concepts in one prompt, one latent region each, each scored on its own region.
+
+    The prompt is ``a {token_1} on a {bg} background BREAK a {token_2} on a {bg} background BREAK ...`` with
+    ``region_mode="latent"`` columns (`GenerationRequest`), on an image as wide as one native side per concept minus
+    ``overlap`` of a side between neighbours. Each concept is scored on its region's window (native size: what the
+    model drew for it) against its references, and the judge reads that window's background. Backgrounds are new to
+    every concept where they share any (else each region gets its concept's own, in turn). ``adapters`` carry the
+    LoRA ``region`` options. Each score's ``per_prompt`` names the backgrounds, to compare with `evaluate_concept` on
+    the same ones.
+    """
+    from pipelines.latent_regions import region_views
+    from studio.world.judge import concept_similarity
+
+    judge = judge or Judge.load()
+    count = len(concepts)
+    native = int(service.default_size)
+    scale = int(service.pipeline.vae_scale_factor)
+    step = native - int(round(overlap * native / scale)) * scale
+    width = native + step * (count - 1)
+    views = region_views("columns", count, height=native // scale, width=width // scale, native=native // scale)
+    own = [[bg for _, bg in new_context_prompts(concept, "")] for concept in concepts]
+    shared = [bg for bg in own[0] if all(bg in other for other in own[1:])]
+    rounds = (
+        [[bg] * count for bg in shared]
+        if shared
+        else [[own[i][k % len(own[i])] for i in range(count)] for k in range(max(len(o) for o in own))]
+    )
+    sims: list[list[float]] = [[] for _ in concepts]
+    hits = [0 for _ in concepts]
+    per_prompt: list[list[dict[str, Any]]] = [[] for _ in concepts]
+    images: list[Image.Image] = []
+    references = [reference_images(c) for c in concepts]
+    for backgrounds in rounds:
+        prompt = f" {REGION_SEPARATOR} ".join(
+            f"a {token} on a {bg} background" for token, bg in zip(prompt_tokens, backgrounds, strict=True)
+        )
+        request = GenerationRequest(
+            prompt=prompt,
+            seeds=list(seeds),
+            steps=steps,
+            guidance=guidance,
+            adapters=list(adapters),
+            width=width,
+            height=native,
+            regions="columns",
+            region_mode="latent",
+        )
+        batch = list(service.generate(request).images)
+        images.extend(batch)
+        for index, (view, bg) in enumerate(zip(views, backgrounds, strict=True)):
+            box = (view.left * scale, 0, (view.left + view.width) * scale, native)
+            crops = [image.crop(box) for image in batch]
+            here = concept_similarity(crops, references[index])
+            ok = sum(reading.background == bg for reading in judge.read(crops))
+            sims[index].extend(here)
+            hits[index] += ok
+            per_prompt[index].append(
+                {"prompt": prompt, "background": bg, "similarity": round(sum(here) / len(here), 4), "background_ok": ok}
+            )
+    n = len(images)
+    return [
+        ConceptScore(
+            similarity=sum(s) / max(1, n), background_compliance=h / max(1, n), n=n, per_prompt=p, images=images
+        )
+        for s, h, p in zip(sims, hits, per_prompt, strict=True)
+    ]
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a proportion."""
     if n == 0:
@@ -135,10 +215,12 @@ def evaluate_concept(
     steps: int = 20,
     guidance: float = 7.5,
     judge: Judge | None = None,
+    backgrounds: Sequence[str] | None = None,
 ) -> ConceptScore:
     """Generate ``a {prompt_token} on a {bg} background`` for new backgrounds and score the images.
 
-    For the base model's attempt pass the class noun as ``prompt_token`` and no adapters.
+    For the base model's attempt pass the class noun as ``prompt_token`` and no adapters. ``backgrounds`` keeps only
+    those of the new-context backgrounds (to compare with `evaluate_concepts_in_regions` on the same ones).
     """
     judge = judge or Judge.load()
     references = reference_images(concept)
@@ -149,6 +231,8 @@ def evaluate_concept(
     from studio.world.judge import concept_similarity
 
     for prompt, background in new_context_prompts(concept, prompt_token):
+        if backgrounds is not None and background not in backgrounds:
+            continue
         batch = _generate(service, prompt, seeds, adapters, steps, guidance)
         sims = concept_similarity(batch, references)
         readings = judge.read(batch)
@@ -157,7 +241,13 @@ def evaluate_concept(
         similarities.extend(sims)
         images.extend(batch)
         per_prompt.append(
-            {"prompt": prompt, "similarity": round(sum(sims) / len(sims), 4), "background_ok": ok, "n": len(batch)}
+            {
+                "prompt": prompt,
+                "background": background,
+                "similarity": round(sum(sims) / len(sims), 4),
+                "background_ok": ok,
+                "n": len(batch),
+            }
         )
     n = len(similarities)
     return ConceptScore(
