@@ -136,3 +136,19 @@ def test_two_concepts_in_one_image_are_scored_each_on_its_own_object() -> None:
     assert a > 0.8 and b > 0.8 and swapped == [b, a]
     # One object for two concepts: the one it does not match gets nothing.
     assert object_concept_similarities([red], [[red], [yellow]]) == [[1.0, 0.0]]
+
+
+def test_a_region_window_is_scored_on_its_own_object_not_a_neighbours_edge() -> None:
+    from PIL import ImageDraw
+
+    from studio.world.judge import window_concept_similarity
+
+    concept = SHIPPED_CONCEPTS["crescent-moon"]
+    references = reference_images(concept)
+    window = references[0].copy()
+    alone = window_concept_similarity([window], references)[0]
+    assert alone == pytest.approx(concept_similarity([window], references)[0])
+    # A neighbour's subject reaching in across the left side: the window's own object still scores as before.
+    ImageDraw.Draw(window).rectangle((0, 20, 6, 40), fill=(30, 30, 200))
+    assert window_concept_similarity([window], references)[0] == pytest.approx(alone)
+    assert concept_similarity([window], references)[0] < alone - 0.1

@@ -117,13 +117,14 @@ def evaluate_concepts_in_regions(
     The prompt is ``a {token_1} on a {bg} background BREAK a {token_2} on a {bg} background BREAK ...`` with
     ``region_mode="latent"`` columns (`GenerationRequest`), on an image as wide as one native side per concept minus
     ``overlap`` of a side between neighbours. Each concept is scored on its region's window (native size: what the
-    model drew for it) against its references, and the judge reads that window's background. Backgrounds are new to
-    every concept where they share any (else each region gets its concept's own, in turn). ``adapters`` carry the
-    LoRA ``region`` options. Each score's ``per_prompt`` names the backgrounds, to compare with `evaluate_concept` on
-    the same ones.
+    model drew for it; parts a neighbour's subject pushes in across the window's sides are left out,
+    `window_concept_similarity`) against its references, and the judge reads that window's background. Backgrounds
+    are new to every concept where they share any (else each region gets its concept's own, in turn). ``adapters``
+    carry the LoRA ``region`` options. Each score's ``per_prompt`` names the backgrounds, to compare with
+    `evaluate_concept` on the same ones.
     """
     from pipelines.latent_regions import region_views
-    from studio.world.judge import concept_similarity
+    from studio.world.judge import window_concept_similarity
 
     judge = judge or Judge.load()
     count = len(concepts)
@@ -164,7 +165,7 @@ def evaluate_concepts_in_regions(
         for index, (view, bg) in enumerate(zip(views, backgrounds, strict=True)):
             box = (view.left * scale, 0, (view.left + view.width) * scale, native)
             crops = [image.crop(box) for image in batch]
-            here = concept_similarity(crops, references[index])
+            here = window_concept_similarity(crops, references[index])
             ok = sum(reading.background == bg for reading in judge.read(crops))
             sims[index].extend(here)
             hits[index] += ok

@@ -253,6 +253,28 @@ def concept_similarity(images: Sequence[Image.Image], references: Sequence[Image
     return scores
 
 
+def window_concept_similarity(
+    images: Sequence[Image.Image], references: Sequence[Image.Image], *, layout: str = "columns"
+) -> list[float]:
+    """`concept_similarity` for windows cut from a wider image, one subject per window (latent regions).
+
+    A neighbouring region's subject can reach into a window across its shared sides (the left and right sides for
+    "columns", top and bottom for "rows"); foreground parts touching those sides are the neighbours', so the
+    window's own object is what is left. A window whose only object touches them scores 0.
+    """
+    refs = [d for d in (_crop_descriptor(r) for r in references) if d is not None]
+    scores = []
+    for image in images:
+        own = np.zeros(foreground_mask(image).shape, dtype=bool)
+        for part in object_masks(image, max_objects=64, min_pixels=1):
+            edges = (part[:, 0], part[:, -1]) if layout == "columns" else (part[0], part[-1])
+            if not any(edge.any() for edge in edges):
+                own |= part
+        d = _crop_descriptor(image, mask=own)
+        scores.append(0.0 if d is None or not refs else max(_pair_similarity(d, r) for r in refs))
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The judge
 
