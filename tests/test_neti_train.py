@@ -126,3 +126,36 @@ def test_frozen_super_category_bias_stays_at_the_word_with_several_vectors(image
     assert torch.allclose(trained.output_layer.bias[words], start.output_layer.bias[words], rtol=1e-3)
     assert not torch.equal(trained.output_layer.bias[64:], start.output_layer.bias[64:]), "the bypass rows train"
     assert not torch.equal(trained.output_layer.weight, start.output_layer.weight)
+
+
+@pytest.mark.parametrize("build", [build_tiny_sd1_pipeline, build_tiny_sdxl_pipeline], ids=["sd1", "sdxl"])
+def test_conditioning_groups_share_one_prompt_and_timestep_per_group(images, monkeypatch, build):
+    """With conditioning_groups=1 a batch of 3 runs the text encoder over n_layers rows (not 3 x n_layers), every
+    image sees the same timestep, and the U-Net still gets the whole batch (SDXL's pooled embedding included)."""
+    from trainers.neti import ConditioningEncoder
+
+    pipe = build()
+    base = BaseModel.from_pipeline(pipe, "tiny-random")
+    n_layers = len(base.family.cross_attention_layers(pipe.unet))
+    rows: list[int] = []
+    encode = ConditioningEncoder.encode
+
+    def spy(self, prompts, outputs, rows_per_prompt):  # noqa: ANN001, ANN202
+        rows.append(prompts.input_ids[0].shape[0] * rows_per_prompt)
+        return encode(self, prompts, outputs, rows_per_prompt)
+
+    monkeypatch.setattr(ConditioningEncoder, "encode", spy)
+    seen: list[torch.Tensor] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    try:
+        config = _config("steps=2", "batch_size=3", "conditioning_groups=1")
+        train_neti(config, base, images)
+    finally:
+        hook.remove()
+    assert rows == [n_layers, n_layers], "one batched call per step over one prompt's layer rows"
+    assert all(t.shape == (3,) and bool((t == t[0]).all()) for t in seen), "the batch's images share the timestep"
+
+
+def test_conditioning_groups_cannot_exceed_the_batch():
+    with pytest.raises(InvalidInputError, match="conditioning_groups"):
+        _config("batch_size=2", "conditioning_groups=3")

@@ -28,9 +28,11 @@ In cross-attention the keys come from the plain states and the values from the b
 
 Training: all layers' conditionings come from ONE batched call per text encoder per step: each of the ``B`` prompts
 is repeated ``n_layers`` times with that row's mapper output spliced in at the placeholder position
-(`ConditioningEncoder`). The U-Net then reads its per-layer states through the shared pipeline's conditioning seam
-(`pipelines.kinds.conditioning`): each processor knows its layer index. ``t`` uniform over the training steps;
-AdamW, lr 1e-3 times the effective batch, weight decay 1e-2, constant schedule; textual-inversion prompt templates.
+(`ConditioningEncoder`); with ``conditioning_groups`` G < B, the batch's images share G (prompt, timestep) pairs
+and the call has ``G * n_layers`` rows. The U-Net then reads its per-layer states through the shared pipeline's
+conditioning seam (`pipelines.kinds.conditioning`): each processor knows its layer index. ``t`` uniform over the
+training steps; AdamW, lr 1e-3 times the effective batch, weight decay 1e-2, constant schedule; textual-inversion
+prompt templates.
 
 Options beyond the reference, all off by default (see `NetiConfig`): ``num_vectors`` (the placeholder takes k
 positions, each with its own mapper output, as multi-vector textual inversion does), ``norm_scale`` (output norm as a
@@ -110,6 +112,10 @@ class NetiConfig:
     reference. Like multi-vector textual inversion: more positions give the concept more of the cross-attention."""
     steps: int = 1000
     batch_size: int = 2
+    conditioning_groups: int = 0
+    """Distinct (prompt, timestep) pairs per batch; the batch's images are split among them and share their
+    conditionings, so the text encoder runs over ``groups x n_layers`` rows instead of ``batch_size x n_layers``
+    (its forward and backward are most of a step's cost on small models). 0 = one per image (the reference)."""
     gradient_accumulation_steps: int = 4
     lr: float = 1e-3
     """Per sample; with ``scale_lr`` the optimizer uses ``lr * batch_size * gradient_accumulation_steps``."""
@@ -162,6 +168,11 @@ class NetiConfig:
             "checkpoint_every",
             "keep_checkpoints",
         )
+        if not 0 <= self.conditioning_groups <= self.batch_size:
+            raise InvalidInputError(
+                f"config key 'conditioning_groups' expects 0..batch_size ({self.batch_size}), "
+                f"got {self.conditioning_groups}"
+            )
         expect_in_range(self, "nested_dropout", 0.0, 1.0)
         expect_in_range(self, "bypass_alpha", 0.0, 10.0)
         if self.resolution < 0 or self.max_seconds < 0 or self.weight_decay < 0:
@@ -667,7 +678,8 @@ def train_neti(
         start_step = int(state["step"])
         logger.info("resuming NeTI training from %s (step %d)", checkpoint, start_step)
 
-    # 3. The loop: one batched text-encoder call per step for all B x n_layers conditionings.
+    # 3. The loop: one batched text-encoder call per step for all groups x n_layers conditionings (groups = B unless
+    # conditioning_groups shares them among the batch's images).
     # Noise comes from a DDPM scheduler built from the pipeline's config, as in the other trainers. The pipeline's
     # own scheduler is an inference scheduler: DPMSolverMultistep's add_noise looks the timestep up in its current
     # grid (reversed, or the last entry for a timestep off the grid), so the latents would carry another timestep's
@@ -676,6 +688,8 @@ def train_neti(
     templates = templates_for(config.learnable_property)
     n_layers = len(layer_names)
     layers = torch.arange(n_layers, device=device, dtype=torch.float32)
+    groups = config.conditioning_groups or config.batch_size
+    group_of = torch.arange(config.batch_size, device=device) * groups // config.batch_size  # image -> its group
     states = _LayerStates()
     seam = install_conditioning(pipeline.unet, layer_names)
     reporter = ProgressReporter(config.steps, callbacks, start_step=start_step)
@@ -692,24 +706,27 @@ def train_neti(
                     picks = torch.randint(0, latents.shape[0], (config.batch_size,), generator=generator)
                     clean = latents[picks.to(device)]
                     noise = sample_noise(clean, generator)
-                    timesteps = sample_timesteps(scheduler, config.batch_size, generator, device=device)
+                    # Each group of images shares one timestep and prompt: the text encoder sees groups x layers rows.
+                    group_timesteps = sample_timesteps(scheduler, groups, generator, device=device)
+                    timesteps = group_timesteps[group_of]
                     noisy = scheduler.add_noise(clean, noise, timesteps)
-                    prompts = [template_prompt(templates, mapper.spec.placeholder_token, rng) for _ in picks]
+                    prompts = [template_prompt(templates, mapper.spec.placeholder_token, rng) for _ in range(groups)]
                     outputs = mapper(
-                        timesteps.float().repeat_interleave(n_layers),
-                        layers.repeat(config.batch_size),
+                        group_timesteps.float().repeat_interleave(n_layers),
+                        layers.repeat(groups),
                         dropout=config.nested_dropout,
                     )
                     plain, bypassed = text.encode(text.tokenize(prompts), outputs, n_layers)
-                    states.plain = plain.unflatten(0, (config.batch_size, n_layers))
-                    states.bypassed = bypassed.unflatten(0, (config.batch_size, n_layers))
+                    states.plain = plain.unflatten(0, (groups, n_layers))[group_of]
+                    states.bypassed = bypassed.unflatten(0, (groups, n_layers))[group_of]
                     # The processors replace every cross-attention's states; the U-Net's own argument only sets shapes.
                     conditioning = {PROMPT_EMBEDS: states.plain[:, 0]}
                     if needs_added_conditioning(pipeline.unet):
                         # SDXL's pooled embedding and time ids: the prompt as the pipeline encodes it (placeholder
                         # as plain text). The seam conditions cross-attention only, so generation sees the same.
                         with torch.no_grad():
-                            conditioning[POOLED_EMBEDS] = pipeline_prompts(pipeline, prompts, device)[POOLED_EMBEDS]
+                            pooled = pipeline_prompts(pipeline, prompts, device)[POOLED_EMBEDS]
+                            conditioning[POOLED_EMBEDS] = pooled[group_of]
                     kwargs = unet_inputs(pipeline.unet, conditioning, height=resolution, width=resolution)
                     pred = pipeline.unet(noisy, timesteps, **kwargs).sample
                     loss = diffusion_loss(pred, training_target(scheduler, clean, noise, timesteps))
