@@ -144,7 +144,10 @@ class LatentRegions:
                 kwargs["timestep"] = timestep
         added = kwargs.get("added_cond_kwargs")
         if added:
-            added = {key: value.repeat(count, *[1] * (value.ndim - 1)) for key, value in added.items()}
+            added = {
+                key: value.repeat(count, *[1] * (value.ndim - 1)) if torch.is_tensor(value) else value
+                for key, value in added.items()
+            }
             if "text_embeds" in added:
                 embeds = added["text_embeds"]
                 for index, pooled in enumerate(self.pooled):
