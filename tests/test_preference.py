@@ -31,6 +31,7 @@ from trainers.preference import (
     PreferenceConfig,
     diffusion_dpo_loss,
     embed_user,
+    phrase_tokens,
     train_population,
     train_user_preference,
 )
@@ -109,6 +110,27 @@ def test_per_user_training_changes_only_the_user_tokens():
         train_user_preference(cfg, pairs_of("alice", 2) + pairs_of("bob", 2), base)
 
 
+def test_per_user_tokens_start_from_the_attributes_that_explain_the_picks():
+    base = tiny_base()
+    candidates = ("red", "blue", "black background", "large")
+    cfg = PreferenceConfig(steps=1, batch_size=2, lr=1e-12, init_attributes=candidates, init_top=2, init_draws=1)
+    adapter = train_user_preference(cfg, pairs_of("alice", 4), base)
+    chosen = adapter.metadata.config["initial_attributes"]
+    assert len(chosen) <= 2 and set(chosen) <= set(candidates)
+    tokens = adapter.tensors[TOKENS_KEY]
+    # One step at a vanishing learning rate leaves the start: each chosen attribute's text states (a group of 4
+    # tokens), or zero tokens without one.
+    groups = [phrase_tokens(base.pipeline, attribute, 4, torch.device("cpu")) for attribute in chosen]
+    assert torch.allclose(tokens, torch.cat(groups) if chosen else torch.zeros(4, 32), atol=1e-6)
+    if chosen:
+        config = adapter.metadata.config
+        assert config["attribute_groups"] == chosen and config["tokens_per_attribute"] == 4
+    assert adapter.metadata.config["training"]["init_attributes"] == list(candidates)
+    # The choice is a function of the pairs and the seed.
+    again = train_user_preference(cfg, pairs_of("alice", 4), base)
+    assert again.metadata.config["initial_attributes"] == chosen
+
+
 @pytest.fixture
 def service(tmp_path):
     write(tmp_path, "alice", user_adapter("alice", seed=1))
@@ -180,6 +202,36 @@ def test_attribute_guidance(service, tiny_sd1_pipe):
         generator=torch.Generator("cpu").manual_seed(1),
     )
     assert np.abs(generate(service, "liked") - pixels(output.images[0])).max() <= 1
+
+
+def test_attribute_token_groups_yield_to_the_prompts_words(tmp_path):
+    tokens = torch.randn(8, 32, generator=torch.Generator().manual_seed(3)) * 3.0
+    config = {"mode": "user", "user_id": "dana", "attribute_groups": ["black background", "red"]}
+    meta = AdapterMetadata(kind="preference", family="sd1", config={**config, "tokens_per_attribute": 4})
+    write(tmp_path, "grouped", AdapterFile({TOKENS_KEY: tokens}, meta))
+    write(tmp_path, "plain", user_adapter("dana", seed=3))
+    service = PipelineService(tiny_base(), adapter_source=tmp_path)
+    try:
+
+        def image(prompt: str, adapter: str | None) -> np.ndarray:
+            refs = [AdapterRef.parse(adapter)] if adapter else []
+            request = GenerationRequest(prompt=prompt, seeds=[1], steps=STEPS, width=64, height=64, adapters=refs)
+            return pixels(service.generate(request).images[0])
+
+        # "a red circle on a white background" decides both: the branch reads only zero tokens, adding nothing.
+        decided = "a red circle on a white background"
+        assert np.array_equal(image(decided, "grouped"), image(decided, None))
+        assert np.abs(image("a circle", "grouped") - image("a circle", None)).max() > 0
+    finally:
+        service.close()
+    bad = AdapterMetadata(kind="preference", family="sd1", config={**config, "tokens_per_attribute": 3})
+    write(tmp_path, "bad", AdapterFile({TOKENS_KEY: tokens}, bad))
+    service = PipelineService(tiny_base(), adapter_source=tmp_path)
+    try:
+        with pytest.raises(InvalidInputError, match="attribute groups"):
+            service.generate(GenerationRequest(prompt=PROMPT, seeds=[1], steps=STEPS, adapters=[AdapterRef("bad")]))
+    finally:
+        service.close()
 
 
 def test_attribute_guidance_combination_is_vipers_formula():

@@ -6,7 +6,10 @@ A preference adapter file holds one of three things (``studio.config["mode"]``):
   that every cross-attention layer attends to through a second, decoupled key/value projection whose output is added,
   scaled, to the text attention output (IP-Adapter's decoupled cross-attention, PPD's way in). The projections are
   ``preference.layers.<i>.to_k.weight`` / ``.to_v.weight`` when the adapter trained them, else copies of the layer's
-  own ``to_k``/``to_v`` taken when the adapter is first used. The branch conditions the positive (prompt) rows only;
+  own ``to_k``/``to_v`` taken when the adapter is first used. Tokens that started from attribute phrases come in
+  groups (``studio.config["attribute_groups"]``, ``tokens_per_attribute`` rows each); a request zeroes the group of
+  an attribute its prompt's own words decide (`attribute_token_mask`), as attribute guidance leaves such attributes
+  out, so the prompt wins over the taste. The branch conditions the positive (prompt) rows only;
   the unconditional rows of classifier-free guidance stay the base model's, as IP-Adapter's zero image embedding
   does, so guidance pushes towards the user's taste.
 - ``population``: a PPD model (shared projections + an encoder from a user's pairs to their tokens). Not used for
@@ -248,9 +251,22 @@ def attributes_for_prompt(attributes: Sequence[str], prompt: str, nouns: Sequenc
     return kept
 
 
-def _attribute_nouns(attributes: Sequence[str]) -> list[str]:
+def attribute_nouns(attributes: Sequence[str]) -> list[str]:
     """What multi-word attributes are about: their last word ("background" of "black background")."""
-    return [attribute.split()[-1].lower() for attribute in attributes if len(attribute.split()) > 1]
+    return list(dict.fromkeys(attribute.split()[-1].lower() for attribute in attributes if len(attribute.split()) > 1))
+
+
+def attribute_token_mask(
+    attributes: Sequence[str], prompt: str, tokens_per_attribute: int, nouns: Sequence[str] = ()
+) -> torch.Tensor:
+    """``[len(attributes) * tokens_per_attribute]``: 1 for the token rows of attributes ``prompt`` leaves open, 0
+    for those of attributes its own words decide (`attributes_for_prompt`; ``nouns`` default to the attributes').
+
+    >>> attribute_token_mask(["black background", "red"], "a circle on a white background", 2).tolist()
+    [0.0, 0.0, 1.0, 1.0]
+    """
+    kept = set(attributes_for_prompt(attributes, prompt, list(nouns) or attribute_nouns(attributes)))
+    return torch.tensor([float(a in kept) for a in attributes for _ in range(tokens_per_attribute)])
 
 
 def _shuffled(attributes: list[str], prompt: str) -> str:
@@ -385,6 +401,7 @@ class PreferenceKind:
         self.name = adapter.metadata.name or str(config.get("user_id", "preference"))
         self.branches: PreferenceBranches | None = None
         self.tokens: torch.Tensor | None = None
+        self.groups: list[str] = []
         if self.mode == "user":
             unet = base_model.pipeline.unet
             layer_names = base_model.family.cross_attention_layers(unet)
@@ -398,6 +415,14 @@ class PreferenceKind:
                     f"cross-attention reads width {self.branches.width}"
                 )
             self.tokens = tokens
+            self.groups = [str(a) for a in config.get("attribute_groups", [])]
+            self.group_nouns = [str(n) for n in config.get("attribute_nouns", [])]
+            self.tokens_per_attribute = int(config.get("tokens_per_attribute", 0))
+            if self.groups and len(self.groups) * self.tokens_per_attribute != tokens.shape[0]:
+                raise InvalidInputError(
+                    f"preference '{self.name}' has {tokens.shape[0]} tokens but {len(self.groups)} attribute groups "
+                    f"of {self.tokens_per_attribute}"
+                )
         self.liked, self.disliked = clean_attributes(config.get("liked", []), config.get("disliked", []))
         self.attribute_scale = float(config.get("attribute_scale", DEFAULT_ATTRIBUTE_SCALE))
 
@@ -417,7 +442,11 @@ class PreferenceKind:
         assert self.branches is not None and self.tokens is not None  # set for mode "user" in __init__
         self.branches.to(device=request.device, dtype=request.dtype)
         scale = float(request.ref.weight) * float(options.get("strength", 1.0))
-        tokens = self.tokens.to(device=request.device, dtype=request.dtype)
+        tokens = self.tokens
+        if self.groups:
+            mask = attribute_token_mask(self.groups, request.prompt, self.tokens_per_attribute, self.group_nouns)
+            tokens = tokens * mask.to(tokens.dtype)[:, None]
+        tokens = tokens.to(device=request.device, dtype=request.dtype)
         return UserTokensState(tokens, self.branches, scale, positive_rows_only=request.classifier_free_guidance)
 
     def _attribute_state(self, request: ConditioningRequest, scale: float) -> AttributeGuidanceState:
@@ -435,7 +464,7 @@ class PreferenceKind:
                 f"{request.guidance:g}"
             )
         pipeline = request.pipeline
-        nouns = _attribute_nouns([*self.liked, *self.disliked])
+        nouns = attribute_nouns([*self.liked, *self.disliked])
         liked_here = attributes_for_prompt(self.liked, request.prompt, nouns)
         disliked_here = attributes_for_prompt(self.disliked, request.prompt, nouns)
         liked = _encode_text(pipeline, _shuffled(liked_here, request.prompt), request.device) if liked_here else None
