@@ -6,10 +6,14 @@ For each held-out simulated user (`studio.world.users.random_user` with seeds no
    its Bradley-Terry pick (`SimulatedUser.pick` on its judge-read scores), and skips a pair that ties for it (as the
    studio's picker lets a person skip) until it has made the picks asked for. The log says how many base pairs tied:
    the base often draws both seeds of an open prompt alike in what a taste is about.
-2. The preference: ``user`` mode trains the user's tokens on 16 pairs; ``population`` mode trains one PPD model over
-   many other simulated users once, then embeds the held-out user from 4 pairs without training; ``attributes`` mode
-   types in the user's liked/disliked attributes (what the user would say about their taste: the features its
-   hidden weights favour, in the world's words) and applies ViPer guidance.
+2. The preference: ``user`` mode trains the user's tokens on 16 pairs, starting from the attributes of the world's
+   vocabulary (`attribute_vocabulary`: every colour, every background, large, small; the words the studio offers
+   for a taste, the same for every user) that best explain the user's picks (``init_attributes``; ``--no-init``
+   starts from zero tokens as before). The start alone, at a lower strength, is measured with ``--strength 0.35
+   --set steps=1 --set lr=1e-9`` (no DPO refinement; developed on users 100-102). ``population`` mode trains one
+   PPD model over many other simulated users once, then embeds the held-out user from 4 pairs without training;
+   ``attributes`` mode types in the user's liked/disliked attributes (what the user would say about their taste: the
+   features its hidden weights favour, in the world's words) and applies ViPer guidance.
 3. Held-out prompts and seeds: the same seed with and without the preference; the user's score (through the judge)
    decides each comparison (a tie counts half). Prompt compliance (the judge finds what the prompt's own words ask
    for: its shape, and its colour and background where it names them) is measured with and without.
@@ -56,7 +60,7 @@ from studio.base_models import BaseModel, load_base_model  # noqa: E402
 from studio.preferences import PreferencePair  # noqa: E402
 from studio.world.evaluate import held_out_scenes, wilson_interval  # noqa: E402
 from studio.world.judge import Judge, JudgeNet, Reading  # noqa: E402
-from studio.world.scene import Scene, caption_for, random_scene  # noqa: E402
+from studio.world.scene import BACKGROUNDS, COLOURS, Scene, background_phrase, caption_for, random_scene  # noqa: E402
 from studio.world.users import SimulatedUser, random_user  # noqa: E402
 from trainers.core.config import load_config  # noqa: E402
 from trainers.preference import (  # noqa: E402
@@ -80,6 +84,12 @@ FEATURE_WORDS = {
     "textured_background": (["striped background", "dotted background", "checkered background"], []),
     "large_object": (["large"], ["small"]),
 }
+
+
+def attribute_vocabulary() -> list[str]:
+    """The world's visual attribute words, the same for every user: what the user-token start is chosen from."""
+    backgrounds = [f"{background_phrase(background)} background" for background in BACKGROUNDS]
+    return [*COLOURS, *backgrounds, "large", "small"]
 
 
 def attributes_of(user: SimulatedUser, strongest: int = 3) -> tuple[list[str], list[str]]:
@@ -279,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-style", choices=("open", "full"), default="open", help="see the module docstring")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--no-init", action="store_true", help="user mode: start the tokens at zero, not attributes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="PreferenceConfig override")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="random tiny pipeline and judge, tiny counts")
@@ -292,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     users = [random_user(int(seed)) for seed in args.users.split(",")]
     scenes = evaluation_scenes(args.prompts, args.prompt_style)
     mode = [f"mode={args.mode}"] if args.mode != "attributes" else []
-    config = load_config(PreferenceConfig, overrides=[*args.set, *mode])
+    init = [] if args.no_init or args.mode != "user" else [f"init_attributes={','.join(attribute_vocabulary())}"]
+    config = load_config(PreferenceConfig, overrides=[*init, *args.set, *mode])
     family = setup.base.family.name
 
     # 1. Population mode trains once, over other users, on one pool they all label.
