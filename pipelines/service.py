@@ -338,13 +338,7 @@ class PipelineService:
         """Each part's positive states (encoded as the pipeline encodes a prompt) and the stripes they apply to;
         a base part covers the whole image with its ratio, the stripes share the rest."""
         prompts = parts + ([base[0]] if base else [])
-        with torch.no_grad():
-            states = [
-                self.pipeline.encode_prompt(
-                    prompt=part, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-                )[0]
-                for part in prompts
-            ]
+        states = [encoded[0] for encoded in self._encode_parts(prompts)]
         scale = int(self.pipeline.vae_scale_factor)
         stripes = region_masks(layout, len(parts), height // scale, width // scale)
         if base is None:
@@ -394,14 +388,9 @@ class PipelineService:
                         f"LoRA '{ref.name}' also changes the text encoder; giving such a LoRA a region is not "
                         "available yet"
                     )
-        states, pooled = [], []
-        with torch.no_grad():
-            for part in parts:
-                encoded = self.pipeline.encode_prompt(
-                    prompt=part, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-                )
-                states.append(encoded[0])
-                pooled.append(encoded[2] if len(encoded) > 2 else None)
+        encodings = self._encode_parts(parts)
+        states = [encoded[0] for encoded in encodings]
+        pooled = [encoded[2] if len(encoded) > 2 else None for encoded in encodings]  # SDXL's pooled embedding
         scale = int(self.pipeline.vae_scale_factor)
         unet = self.pipeline.unet
         views = region_views(
@@ -413,6 +402,16 @@ class PipelineService:
         )
         guided = request.guidance > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None
         return LatentRegions(unet, views, states, guided=guided, pooled=pooled, lora_names=lora_names)
+
+    def _encode_parts(self, prompts: list[str]) -> list[tuple[Any, ...]]:
+        """Each prompt encoded as the pipeline encodes a positive prompt: ``encode_prompt``'s tuple, no CFG half."""
+        with torch.no_grad():
+            return [
+                self.pipeline.encode_prompt(
+                    prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+                for prompt in prompts
+            ]
 
     def _truncation_warnings(self, named: list[tuple[str, str]]) -> list[str]:
         warnings = []
