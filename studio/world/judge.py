@@ -245,10 +245,17 @@ def concept_similarity(images: Sequence[Image.Image], references: Sequence[Image
 
     Position, size and background do not matter; shape and colour layout do. An image with no object scores 0.
     """
+    return _best_matches(images, references, [None] * len(images))
+
+
+def _best_matches(
+    images: Sequence[Image.Image], references: Sequence[Image.Image], masks: Sequence[np.ndarray | None]
+) -> list[float]:
+    """Each image's object (its whole foreground, or its mask) against the best-matching reference; 0 if none."""
     refs = [d for d in (_crop_descriptor(r) for r in references) if d is not None]
     scores = []
-    for image in images:
-        d = _crop_descriptor(image)
+    for image, mask in zip(images, masks, strict=True):
+        d = _crop_descriptor(image, mask=mask)
         scores.append(0.0 if d is None or not refs else max(_pair_similarity(d, r) for r in refs))
     return scores
 
@@ -262,17 +269,15 @@ def window_concept_similarity(
     "columns", top and bottom for "rows"); foreground parts touching those sides are the neighbours', so the
     window's own object is what is left. A window whose only object touches them scores 0.
     """
-    refs = [d for d in (_crop_descriptor(r) for r in references) if d is not None]
-    scores = []
+    masks = []
     for image in images:
-        own = np.zeros(foreground_mask(image).shape, dtype=bool)
+        own = np.zeros((image.height, image.width), dtype=bool)
         for part in object_masks(image, max_objects=64, min_pixels=1):
             edges = (part[:, 0], part[:, -1]) if layout == "columns" else (part[0], part[-1])
             if not any(edge.any() for edge in edges):
                 own |= part
-        d = _crop_descriptor(image, mask=own)
-        scores.append(0.0 if d is None or not refs else max(_pair_similarity(d, r) for r in refs))
-    return scores
+        masks.append(own)
+    return _best_matches(images, references, masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
