@@ -24,6 +24,12 @@ disobeying the prompt. Evaluation prompts are built from held-out (shape, colour
 seeds are never used for training pairs. ``--prompt-style full`` names everything instead (then only the object's
 size is left to taste, and most users' comparisons are ties).
 
+``oracle`` mode is a reference ceiling, not a method: it reads the user's hidden taste (which no method may) and
+writes it into each evaluation prompt where the prompt leaves room (`oracle_prompt`: "a circle" becomes "a large red
+circle on a blue background" for a warm, dark-background, large-object user), then generates with the base model
+on the same seeds and is scored like every mode, against the original prompt's words. It says how much of the
+target this protocol allows on this base model, so a method's gap can be told from the world's.
+
 Prints per-user lines and the pooled win rate with its 95% Wilson interval. Targets (issue 8): user mode >= 76%,
 population mode >= 70%, compliance drop <= 5 points.
 
@@ -60,8 +66,17 @@ from studio.base_models import BaseModel, load_base_model  # noqa: E402
 from studio.preferences import PreferencePair  # noqa: E402
 from studio.world.evaluate import held_out_scenes, wilson_interval  # noqa: E402
 from studio.world.judge import Judge, JudgeNet, Reading  # noqa: E402
-from studio.world.scene import BACKGROUNDS, COLOURS, Scene, background_phrase, caption_for, random_scene  # noqa: E402
-from studio.world.users import SimulatedUser, random_user  # noqa: E402
+from studio.world.scene import (  # noqa: E402
+    BACKGROUNDS,
+    COLOURS,
+    SIZES,
+    Scene,
+    article,
+    background_phrase,
+    caption_for,
+    random_scene,
+)
+from studio.world.users import SimulatedUser, features_of, random_user  # noqa: E402
 from trainers.core.config import load_config  # noqa: E402
 from trainers.preference import (  # noqa: E402
     JudgeFeatures,
@@ -109,6 +124,50 @@ def attributes_of(user: SimulatedUser, strongest: int = 3) -> tuple[list[str], l
             disliked += words
             liked += opposite
     return liked, disliked
+
+
+def oracle_prompt(user: SimulatedUser, scene: Scene) -> str:
+    """The ``oracle`` ceiling's prompt: ``scene``'s caption with the user's hidden taste written into what it leaves
+    open. A reference, not a method: it reads the user's hidden weights, which no method sees.
+
+    The colour is added only when the prompt names none, the background only when it names none, and "large" or
+    "small" by the sign of the user's size weight. Among the fitting words it takes the (colour, background) the
+    user scores highest (`features_of`; ties go to the first in the world's colour order; the object never takes the
+    background's colour, which the world never draws); a slot the user is indifferent to (every fitting word scores
+    the same) stays open, as the prompt left it.
+
+    >>> from studio.world.scene import ObjectSpec
+    >>> user = SimulatedUser("u", {"warm_object": 1.0, "dark_background": 1.0, "large_object": 0.5})
+    >>> oracle_prompt(user, Scene("white", (ObjectSpec("circle", "red"),), caption_style="bare"))
+    'a large red circle on a blue background'
+    >>> oracle_prompt(user, Scene("white", (ObjectSpec("circle", "blue"),), caption_style="no_colour"))
+    'a large red circle on a white background'
+    """
+    obj = scene.objects[0]
+    style = scene.caption_style
+    colour_open = style in ("bare", "no_colour")
+    background_open = style in ("bare", "no_background")
+    size_weight = user.weights.get("large_object", 0.0)
+    size = "large" if size_weight > 0 else "small" if size_weight < 0 else "medium"
+    coverage = 3.0 * SIZES[size] ** 2
+    colours = list(COLOURS) if colour_open else [str(obj.colour)]
+    backgrounds = list(BACKGROUNDS) if background_open else [scene.background]
+
+    def score(colour: str, background: str) -> float:
+        features = features_of(colour, background, coverage, user.favourite)
+        return sum(user.weights.get(name, 0.0) * value for name, value in features.items())
+
+    options = [(c, b) for c in colours for b in backgrounds if c != b]
+    colour, background = max(options, key=lambda option: score(*option))
+    # A slot stays open where the user does not care: every word that fits scores what the chosen one does.
+    name_colour = not colour_open or len({score(c, background) for c in colours if c != background}) > 1
+    name_background = not background_open or len({score(colour, b) for b in backgrounds if b != colour}) > 1
+    words = [*([size] if size != "medium" else []), *([colour] if name_colour else []), obj.shape]
+    prompt = f"{article(words[0])} {' '.join(words)}"
+    if name_background:
+        phrase = background_phrase(background)
+        prompt += f" on {article(phrase)} {phrase} background"
+    return prompt
 
 
 class Setup:
@@ -247,13 +306,20 @@ def user_pairs(setup: Setup, user: SimulatedUser, count: int, seed: int) -> list
     return pairs[:count]
 
 
-def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef, scenes: Sequence[Scene]) -> dict[str, Any]:
-    """Wins of the preference over the base for ``user`` on held-out prompts and seeds, and compliance of both."""
+def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef | None, scenes: Sequence[Scene]) -> dict[str, Any]:
+    """Wins of the preference over the base for ``user`` on held-out prompts and seeds, and compliance of both.
+
+    ``adapter`` None is the ``oracle`` ceiling: the base model on `oracle_prompt`, scored against the original
+    prompt's words like every mode.
+    """
     wins = ties = n = comply_base = comply_pref = 0
     for scene in scenes:
         prompt = caption_for(scene)
         base_images = setup.base_images(prompt)
-        pref_images = setup.generate(prompt, EVAL_SEEDS, [adapter])
+        if adapter is None:
+            pref_images = setup.generate(oracle_prompt(user, scene), EVAL_SEEDS)
+        else:
+            pref_images = setup.generate(prompt, EVAL_SEEDS, [adapter])
         for base_image, pref_image in zip(base_images, pref_images, strict=True):
             base_reading, pref_reading = setup.read([base_image, pref_image])
             base_score, pref_score = user.score_reading(base_reading), user.score_reading(pref_reading)
@@ -278,7 +344,12 @@ def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef, scenes: Sequ
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("user", "population", "attributes"), default="user")
+    parser.add_argument(
+        "--mode",
+        choices=("user", "population", "attributes", "oracle"),
+        default="user",
+        help="oracle: the ceiling, the user's hidden taste written into the prompt (a reference, not a method)",
+    )
     parser.add_argument("--base", default="tiny")
     parser.add_argument("--users", default=",".join(map(str, DEFAULT_EVAL_USERS)), help="random_user seeds")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per evaluated user (user: 16, population: 4)")
@@ -302,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = Setup(args)
     users = [random_user(int(seed)) for seed in args.users.split(",")]
     scenes = evaluation_scenes(args.prompts, args.prompt_style)
-    mode = [f"mode={args.mode}"] if args.mode != "attributes" else []
+    mode = [f"mode={args.mode}"] if args.mode in ("user", "population") else []
     init = [] if not args.init or args.mode != "user" else [f"init_attributes={','.join(attribute_vocabulary())}"]
     config = load_config(PreferenceConfig, overrides=[*init, *args.set, *mode])
     family = setup.base.family.name
@@ -323,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for index, user in enumerate(users):
         name = f"user-{index}"
-        if args.mode == "attributes":
+        if args.mode == "oracle":
+            result = compare(setup, user, None, scenes)
+        elif args.mode == "attributes":
             liked, disliked = attributes_of(user)
             adapter = attribute_preference(liked, disliked, family=family, user_id=user.name)
         else:
@@ -332,10 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 adapter = embed_user(population, pairs, image_features=setup.features)
             else:
                 adapter = train_user_preference(config, pairs, setup.base)
-        save_adapter(setup.folder / f"{name}.safetensors", adapter)
-        option = "attribute_scale" if args.mode == "attributes" else "strength"
-        ref = AdapterRef(name, options={option: args.strength if args.mode != "attributes" else 0.85 * args.strength})
-        result = compare(setup, user, ref, scenes)
+        if args.mode != "oracle":
+            save_adapter(setup.folder / f"{name}.safetensors", adapter)
+            option = "attribute_scale" if args.mode == "attributes" else "strength"
+            scale = args.strength if args.mode != "attributes" else 0.85 * args.strength
+            result = compare(setup, user, AdapterRef(name, options={option: scale}), scenes)
         results.append(result)
         print(
             f"{user.name:>12}: win {result['win_rate']:.3f} ({result['wins']} wins, {result['ties']} ties / "

@@ -1,0 +1,46 @@
+"""The preference benchmark's oracle ceiling: the user's hidden taste written only into what a prompt leaves open."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from studio.world.scene import ObjectSpec, Scene
+from studio.world.users import SimulatedUser
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parent.parent / "bench" / "eval_preference.py"
+    spec = importlib.util.spec_from_file_location("eval_preference_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def scene(style: str, colour: str = "blue", background: str = "white") -> Scene:
+    return Scene(background, (ObjectSpec("circle", colour),), caption_style=style)
+
+
+def test_oracle_fills_only_what_the_prompt_leaves_open(bench):
+    warm_dark_large = SimulatedUser("u", {"warm_object": 1.0, "dark_background": 1.0, "large_object": 0.5})
+    assert bench.oracle_prompt(warm_dark_large, scene("bare")) == "a large red circle on a blue background"
+    # The prompt's own colour and background stay; only the open parts take the user's words.
+    assert bench.oracle_prompt(warm_dark_large, scene("no_colour")) == "a large red circle on a white background"
+    # A blue object never goes on the blue background it would vanish into: the next dark one.
+    assert bench.oracle_prompt(warm_dark_large, scene("no_background")) == "a large blue circle on a purple background"
+    assert bench.oracle_prompt(warm_dark_large, scene("full")) == "a large blue circle on a white background"
+
+
+def test_oracle_leaves_open_what_the_user_does_not_care_about(bench):
+    small_textured = SimulatedUser("u", {"textured_background": 1.0, "large_object": -0.5})
+    # No colour taste: the colour stays open; any texture scores alike, so the first is taken.
+    assert bench.oracle_prompt(small_textured, scene("bare")) == "a small circle on a striped background"
+    # The favourite colour can be the object's or the background's, whichever scores higher with the rest.
+    fan = SimulatedUser("u", {"favourite_colour": 1.0, "cool_object": 0.5}, favourite="orange")
+    assert bench.oracle_prompt(fan, scene("bare")) == "a green circle on an orange background"
