@@ -312,7 +312,7 @@ def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef | None, scene
     ``adapter`` None is the ``oracle`` ceiling: the base model on `oracle_prompt`, scored against the original
     prompt's words like every mode.
     """
-    wins = ties = n = comply_base = comply_pref = 0
+    wins = ties = n = changed = comply_base = comply_pref = 0
     for scene in scenes:
         prompt = caption_for(scene)
         base_images = setup.base_images(prompt)
@@ -325,6 +325,8 @@ def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef | None, scene
             base_score, pref_score = user.score_reading(base_reading), user.score_reading(pref_reading)
             wins += pref_score > base_score
             ties += pref_score == base_score
+            # Whether the preference changed what a taste can be about; a tie with nothing changed is a silent method.
+            changed += (base_reading.colour, base_reading.background) != (pref_reading.colour, pref_reading.background)
             n += 1
             comply_base += complies_with_words(setup.judge, base_reading, scene)
             comply_pref += complies_with_words(setup.judge, pref_reading, scene)
@@ -334,6 +336,7 @@ def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef | None, scene
         "user": user.name,
         "wins": wins,
         "ties": ties,
+        "changed": changed,
         "n": n,
         "win_rate": successes / max(1, n),
         "successes": successes,
@@ -413,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
         print(
             f"{user.name:>12}: win {result['win_rate']:.3f} ({result['wins']} wins, {result['ties']} ties / "
-            f"{result['n']}), compliance {result['compliance_base']:.3f} -> {result['compliance_preference']:.3f}"
+            f"{result['n']}; colour or background changed in {result['changed']}), "
+            f"compliance {result['compliance_base']:.3f} -> {result['compliance_preference']:.3f}"
         )
 
     # 3. Pooled.

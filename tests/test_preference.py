@@ -110,6 +110,19 @@ def test_per_user_training_changes_only_the_user_tokens():
         train_user_preference(cfg, pairs_of("alice", 2) + pairs_of("bob", 2), base)
 
 
+def test_norm_matched_tokens_speak_as_loudly_as_the_prompts_words():
+    base = tiny_base()
+    pairs = pairs_of("alice", 4)
+    cfg = PreferenceConfig(steps=2, batch_size=2, lr=0.1, token_norm=0.5)
+    tokens = train_user_preference(cfg, pairs, base).tensors[TOKENS_KEY]
+    states = base.pipeline.encode_prompt(
+        prompt=[pair.prompt for pair in pairs], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )[0]
+    # Every token row keeps half the text states' typical norm whatever DPO does: training turns them, never mutes.
+    expected = 0.5 * float(states.norm(dim=-1).median())
+    assert torch.allclose(tokens.norm(dim=-1), torch.full((4,), expected), rtol=1e-4)
+
+
 def test_per_user_tokens_start_from_the_attributes_that_explain_the_picks():
     base = tiny_base()
     candidates = ("red", "blue", "black background", "large")

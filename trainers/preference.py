@@ -82,6 +82,11 @@ class PreferenceConfig:
     their pairs with the branch reading those tokens: the diffusion model as a zero-shot classifier of the taste),
     not from zero; DPO then refines them. Zero tokens start the branch as the base model, and DPO moves them only a
     little (its KL weight keeps the model near the base), so most held-out images come out alike for the user."""
+    token_norm: float = 0.0
+    """User mode: 0 trains the tokens freely (from zero unless ``init_attributes`` start them). Above 0 each token
+    row is a trained direction times ``token_norm`` times the median row norm of the pairs' text states, so the
+    branch speaks as loudly as a prompt word from the first step and DPO can only turn it, not mute it (free tokens
+    from zero end far smaller than text states, and the images barely move)."""
     init_top: int = 2
     """At most this many attributes are chosen (greedily; one joins only if it lowers the loss further)."""
     init_draws: int = 4
@@ -106,7 +111,7 @@ class PreferenceConfig:
         """Ranges of the options."""
         expect_positive(self, "tokens", "beta", "steps", "batch_size", "lr", "users_per_step", "context_pairs")
         expect_positive(self, "hidden", "log_every", "max_grad_norm", "init_top", "init_draws")
-        expect_non_negative(self, "projection_lr")
+        expect_non_negative(self, "projection_lr", "token_norm")
         expect_in_range(self, "empty_prompt_prob", 0.0, 1.0)
         if self.mode == "embed" and not self.population_model:
             raise InvalidInputError("config key 'population_model' expects a library name in mode 'embed', got ''")
@@ -399,6 +404,12 @@ def _log_and_report(
         logger.info("preference step %d/%d: loss %.4f, implicit accuracy %.2f", step, cfg.steps, loss, accuracy)
 
 
+def _text_row_norm(data: PairTensors) -> float:
+    """The median norm of the pairs' text-state rows (the text encoder's final layer norm puts them all near one
+    value; about 10.6 on tiny): how loud one prompt word is to cross-attention."""
+    return float(data.prompt_embeds.float().norm(dim=-1).median())
+
+
 def _metadata(base: Any, config: dict[str, Any]) -> AdapterMetadata:
     return AdapterMetadata(
         kind=KIND, family=base.family.name, base_model=base.name, base_fingerprint=base.fingerprint, config=config
@@ -524,9 +535,23 @@ def train_user_preference(
         width = model.branches.width
         prompts = [pair.prompt for pair in pairs]
         start = choose_attributes(model, base.pipeline, data, prompts, cfg) if cfg.init_attributes else None
-        tokens = nn.Parameter(start.tokens.clone() if start else torch.zeros(cfg.tokens, width, device=model.device))
         masks = start.masks if start else torch.ones(len(pairs), cfg.tokens, device=model.device)
-        groups: list[dict[str, Any]] = [{"params": [tokens], "lr": cfg.lr}]
+        if cfg.token_norm > 0:
+            norm = cfg.token_norm * _text_row_norm(data)
+            direction = start.tokens.clone() if start else torch.randn(cfg.tokens, width, generator=generator)
+            weights = nn.Parameter(direction.to(model.device))
+
+            def current() -> torch.Tensor:
+                return norm * F.normalize(weights, dim=-1)
+        else:
+            weights = nn.Parameter(
+                start.tokens.clone() if start else torch.zeros(cfg.tokens, width, device=model.device)
+            )
+
+            def current() -> torch.Tensor:
+                return weights
+
+        groups: list[dict[str, Any]] = [{"params": [weights], "lr": cfg.lr}]
         model.branches.to(model.device).requires_grad_(cfg.train_projections)
         if cfg.train_projections:
             groups.append({"params": list(model.branches.parameters()), "lr": cfg.projection_lr})
@@ -540,7 +565,7 @@ def train_user_preference(
         for step in range(1, cfg.steps + 1):
             rows = [rng.randrange(len(pairs)) for _ in range(cfg.batch_size)]
             # Each pair's mask zeroes the attribute groups its prompt decides, as generation will.
-            row_tokens = tokens.unsqueeze(0) * masks[torch.tensor(rows)][:, :, None]
+            row_tokens = current().unsqueeze(0) * masks[torch.tensor(rows)][:, :, None]
             result = _dpo_step(model, data, rows, row_tokens, cfg, generator)
             _optimise(result, optimizer, params, cfg.max_grad_norm, losses, accuracies)
             _log_and_report(reporter, step, cfg, losses, accuracies)
@@ -549,7 +574,8 @@ def train_user_preference(
         model.seam.remove()
 
     # 5. The adapter: tokens (and trained projections), with what made them.
-    tensors = {TOKENS_KEY: tokens.detach().float().cpu()}
+    tokens = current().detach()
+    tensors = {TOKENS_KEY: tokens.float().cpu()}
     groups: dict[str, Any] = {}
     if start:
         groups = {
