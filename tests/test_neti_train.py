@@ -159,3 +159,44 @@ def test_conditioning_groups_share_one_prompt_and_timestep_per_group(images, mon
 def test_conditioning_groups_cannot_exceed_the_batch():
     with pytest.raises(InvalidInputError, match="conditioning_groups"):
         _config("batch_size=2", "conditioning_groups=3")
+
+
+def test_context_loss_compares_the_words_after_the_placeholder_with_those_after_the_word():
+    from trainers.neti import context_preservation_loss
+
+    torch.manual_seed(0)
+    target = torch.randn(10, 4)  # "BOS a toy on the beach EOS pad pad pad": the word at position 2
+    slots = torch.zeros(10, dtype=torch.bool)
+    slots[2:4] = True  # the placeholder takes 2 positions, so its words come one position later
+    states = torch.randn(3, 10, 4)
+    states[:, 4:] = target[3:9]  # after the placeholder: exactly the word prompt's states
+    assert float(context_preservation_loss(states, slots, target, word_length=1)) == pytest.approx(0.0, abs=1e-6)
+    states[1, 6] = -target[5]  # one position of one row turned around: cosine -1 there
+    expected = 2.0 / (3 * 6)  # mean of 1 - cos over 3 rows x 6 compared positions
+    assert float(context_preservation_loss(states, slots, target, word_length=1)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("build", [build_tiny_sd1_pipeline, build_tiny_sdxl_pipeline], ids=["sd1", "sdxl"])
+def test_context_regularisation_joins_the_one_batched_text_encoder_call(images, monkeypatch, build):
+    from trainers.neti import ConditioningEncoder
+
+    pipe = build()
+    base = BaseModel.from_pipeline(pipe, "tiny-random")
+    n_layers = len(base.family.cross_attention_layers(pipe.unet))
+    rows: list[int] = []
+    encode = ConditioningEncoder.encode
+
+    def spy(self, prompts, outputs, rows_per_prompt):  # noqa: ANN001, ANN202
+        rows.append(prompts.input_ids[0].shape[0] * rows_per_prompt)
+        return encode(self, prompts, outputs, rows_per_prompt)
+
+    monkeypatch.setattr(ConditioningEncoder, "encode", spy)
+    history = LossHistory()
+    train_neti(_config("steps=2", "batch_size=2", "context_weight=1"), base, images, callbacks=[history])
+    assert rows == [3 * n_layers, 3 * n_layers], "2 training prompts and 1 context prompt, every layer, one call"
+    assert all(torch.isfinite(torch.tensor(history.losses)))
+
+
+def test_context_weight_cannot_be_negative():
+    with pytest.raises(InvalidInputError, match="context_weight"):
+        _config("context_weight=-1")

@@ -37,8 +37,9 @@ prompt templates.
 Options beyond the reference, all off by default (see `NetiConfig`): ``num_vectors`` (the placeholder takes k
 positions, each with its own mapper output, as multi-vector textual inversion does), ``norm_scale`` (output norm as a
 multiple of the word's), ``init_from_super_category`` / ``freeze_super_category`` (the output starts at, or stays
-anchored to, the super-category word so a low truncation returns towards it). On the small `tiny` model one reference
-token at the word's norm barely moves the images; bench/eval_neti.py documents the tiny recipe.
+anchored to, the super-category word so a low truncation returns towards it), ``context_weight`` (a CoRe-style
+context regularisation: the mapper may not swallow the words after the placeholder). On the small `tiny` model one
+reference token at the word's norm barely moves the images; bench/eval_neti.py documents the tiny recipe.
 
 >>> cfg = load_config(NetiConfig, overrides=["placeholder_token=<my-toy>", "super_category=toy", "steps=2"])
 >>> cfg.sigma_t, cfg.hidden_width
@@ -80,6 +81,7 @@ __all__ = [
     "NetiMapper",
     "apply_bypass",
     "build_mapper",
+    "context_preservation_loss",
     "fourier_features",
     "mapper_from_adapter",
     "neti_adapter",
@@ -144,6 +146,14 @@ class NetiConfig:
     """With ``init_from_super_category``: keep the embedding part of the output bias at the word during training, so
     the mapper learns the concept as an offset from the word that nested dropout orders, and a low truncation
     returns towards the word itself (the most editable end of the dial)."""
+    context_weight: float = 0.0
+    """Weight of the context regularisation (0: off, the reference). With it, each step also encodes one new-context
+    prompt ("a {} on the beach") with the mapper's outputs, in the same batched call, and keeps the text encoder's
+    states after the placeholder close (cosine) to those after the super-category word: the concept then leaves the
+    prompt's other words their say, as CoRe does for textual inversion (Wu et al. 2024)."""
+    context_margin: float = 0.0
+    """With ``context_weight``: the context loss counts only above this value (1 - cosine), so the concept may change
+    the other words' states that much before it is penalised."""
     checkpoint_every: int = 250
     keep_checkpoints: int = 1
     max_seconds: float = 0.0
@@ -175,10 +185,12 @@ class NetiConfig:
             )
         expect_in_range(self, "nested_dropout", 0.0, 1.0)
         expect_in_range(self, "bypass_alpha", 0.0, 10.0)
-        if self.resolution < 0 or self.max_seconds < 0 or self.weight_decay < 0:
+        keys = ("resolution", "max_seconds", "weight_decay", "context_weight", "context_margin")
+        values = [getattr(self, key) for key in keys]
+        if min(values) < 0:
             raise InvalidInputError(
-                f"config keys 'resolution', 'max_seconds', 'weight_decay' expect values >= 0, got "
-                f"{self.resolution}, {self.max_seconds}, {self.weight_decay}"
+                f"config keys {', '.join(repr(key) for key in keys)} expect values >= 0, got "
+                f"{', '.join(str(value) for value in values)}"
             )
 
 
@@ -422,11 +434,14 @@ class ConditioningEncoder:
         self.encoders = family.text_encoders(pipeline)
         self.tokenizers = family.tokenizers(pipeline)
         self.slot_ids = []
+        self.word_lengths: list[int] = []
+        """Tokens of the super-category word per tokenizer."""
         for tokenizer in self.tokenizers:
             ids = tokenizer(super_category, add_special_tokens=False).input_ids
             if not super_category.strip() or not ids:
                 raise InvalidInputError(f"expected a super-category word the tokenizer knows, got {super_category!r}")
             self.slot_ids.append(int(ids[0]))
+            self.word_lengths.append(len(ids))
 
     def tokenize(self, prompts: Sequence[str]) -> SlottedPrompts:
         """Token ids (padded to the tokenizer's length, as the pipeline pads) and placeholder positions."""
@@ -496,6 +511,27 @@ class ConditioningEncoder:
             plains.append(states)
             bypassed.append(with_bypass)
         return torch.cat(plains, dim=-1), torch.cat(bypassed, dim=-1)
+
+
+def context_preservation_loss(
+    states: torch.Tensor, slots: torch.Tensor, target: torch.Tensor, word_length: int
+) -> torch.Tensor:
+    """1 - mean cosine between the states after the placeholder and the same words' states after the word.
+
+    ``states`` ``[N, T, D]``: one prompt's states under N mapper outputs; ``slots`` ``[T]``: its placeholder
+    positions (one placeholder); ``target`` ``[T, D]``: the prompt with the super-category word (``word_length``
+    tokens) in the placeholder's place. Positions before the placeholder are equal anyway (CLIP's attention is
+    causal); after it, every position to the end is compared, padding included, because the U-Net reads them all and
+    they are where a token that swallows the prompt shows: the words' meaning no longer reaches them.
+    """
+    marked = slots.nonzero().flatten()
+    after, word_end = int(marked[-1]) + 1, int(marked[0]) + word_length
+    count = min(states.shape[1] - after, target.shape[0] - word_end)
+    if count <= 0:
+        return states.sum() * 0.0
+    ours = states[:, after : after + count].float()
+    theirs = target[word_end : word_end + count].float().expand_as(ours)
+    return 1.0 - F.cosine_similarity(ours, theirs, dim=-1).mean()
 
 
 # -- files ---------------------------------------------------------------------------------------------------------
@@ -641,7 +677,7 @@ def train_neti(
     from trainers.core.noise import diffusion_loss, sample_noise, sample_timesteps, training_target
     from trainers.core.progress import ProgressReporter
     from trainers.core.runtime import seed_everything
-    from trainers.core.templates import template_prompt, templates_for
+    from trainers.core.templates import CONTEXT_TEMPLATES, template_prompt, templates_for
 
     # 1. Frozen base model on the device; the seam's processors give each cross-attention layer its own states.
     device = torch.device(device)
@@ -711,12 +747,28 @@ def train_neti(
                     timesteps = group_timesteps[group_of]
                     noisy = scheduler.add_noise(clean, noise, timesteps)
                     prompts = [template_prompt(templates, mapper.spec.placeholder_token, rng) for _ in range(groups)]
+                    # With the context regularisation, one new-context prompt joins the batched call (at the first
+                    # group's timestep, every layer), so it costs n_layers more rows and no extra call.
+                    contexts = [rng.choice(CONTEXT_TEMPLATES)] if config.context_weight > 0 else []
+                    row_timesteps = torch.cat([group_timesteps, group_timesteps[: len(contexts)]])
                     outputs = mapper(
-                        group_timesteps.float().repeat_interleave(n_layers),
-                        layers.repeat(groups),
+                        row_timesteps.float().repeat_interleave(n_layers),
+                        layers.repeat(len(row_timesteps)),
                         dropout=config.nested_dropout,
                     )
-                    plain, bypassed = text.encode(text.tokenize(prompts), outputs, n_layers)
+                    placed = [context.format(mapper.spec.placeholder_token) for context in contexts]
+                    tokenized = text.tokenize(prompts + placed)
+                    plain, bypassed = text.encode(tokenized, outputs, n_layers)
+                    context_loss = None
+                    if contexts:
+                        with torch.no_grad():
+                            word = [context.format(config.super_category) for context in contexts]
+                            target = pipeline_prompts(pipeline, word, device)[PROMPT_EMBEDS]
+                        rows = groups * n_layers
+                        context_loss = context_preservation_loss(
+                            plain[rows:], tokenized.slots[0][groups], target[0], text.word_lengths[0]
+                        )
+                        plain, bypassed = plain[:rows], bypassed[:rows]
                     states.plain = plain.unflatten(0, (groups, n_layers))[group_of]
                     states.bypassed = bypassed.unflatten(0, (groups, n_layers))[group_of]
                     # The processors replace every cross-attention's states; the U-Net's own argument only sets shapes.
@@ -730,6 +782,8 @@ def train_neti(
                     kwargs = unet_inputs(pipeline.unet, conditioning, height=resolution, width=resolution)
                     pred = pipeline.unet(noisy, timesteps, **kwargs).sample
                     loss = diffusion_loss(pred, training_target(scheduler, clean, noise, timesteps))
+                    if context_loss is not None:
+                        loss = loss + config.context_weight * torch.relu(context_loss - config.context_margin)
                     (loss / config.gradient_accumulation_steps).backward()
                     total += float(loss.detach()) / config.gradient_accumulation_steps
                 optimizer.step()
