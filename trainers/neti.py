@@ -150,7 +150,9 @@ class NetiConfig:
     """Weight of the context regularisation (0: off, the reference). With it, each step also encodes one new-context
     prompt ("a {} on the beach") with the mapper's outputs, in the same batched call, and keeps the text encoder's
     states after the placeholder close (cosine) to those after the super-category word: the concept then leaves the
-    prompt's other words their say, as CoRe does for textual inversion (Wu et al. 2024)."""
+    prompt's other words their say, as CoRe does for textual inversion (Wu et al. 2024). Measured on `tiny` (robot-toy,
+    seed 0, 155 steps of the bench recipe): weight 0.5 with ``context_margin`` 0.09 drew the asked-for new backgrounds
+    in 0.96 of the images instead of 0.33, at a similarity of 0.47 instead of 0.53, so it is off by default."""
     context_margin: float = 0.0
     """With ``context_weight``: the context loss counts only above this value (1 - cosine), so the concept may change
     the other words' states that much before it is penalised."""
