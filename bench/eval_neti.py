@@ -96,13 +96,16 @@ def colour_compliance(
     token: str,
     adapters: list[AdapterRef],
     *,
+    seeds: list[int] | None = None,
     steps: int,
     judge: Judge,
 ) -> float:
     """Share of images whose object the judge reads in the colour the prompt asks for (`colour_prompts`)."""
     hits = total = 0
     for prompt, colour in colour_prompts(concept, token):
-        request = GenerationRequest(prompt=prompt, seeds=list(DEFAULT_SEEDS), steps=steps, adapters=list(adapters))
+        request = GenerationRequest(
+            prompt=prompt, seeds=list(seeds or DEFAULT_SEEDS), steps=steps, adapters=list(adapters)
+        )
         readings = judge.read(list(service.generate(request).images))
         hits += sum(reading.colour == colour for reading in readings)
         total += len(readings)
@@ -129,6 +132,9 @@ def main() -> None:
     # Scores move by up to ~0.15 between training seeds on tiny (robot-toy TI: 0.620 at seed 0, 0.475 at seed 1), far
     # more than between recipes, so one seed decides little: run several and compare the spread.
     parser.add_argument("--seed", type=int, default=0, help="training seed of both TI and NeTI")
+    parser.add_argument(
+        "--eval-seeds", type=int, default=len(DEFAULT_SEEDS), help="generation seeds per evaluation prompt"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not (tiny_model_path() / "model_index.json").is_file():
@@ -182,10 +188,12 @@ def main() -> None:
     for truncation in truncations:
         ref = AdapterRef("neti", options={"truncation": float(truncation)})
         cases.append((f"neti truncation={truncation}", token, [ref]))
+    # The default seeds first, then more: a larger --eval-seeds adds images and keeps the ones it had.
+    seeds = [*DEFAULT_SEEDS, *range(101, 101 + max(0, args.eval_seeds - len(DEFAULT_SEEDS)))][: args.eval_seeds]
     rows = []
     for label, word, refs in cases:
-        score = evaluate_concept(service, concept, word, refs, steps=args.steps, judge=judge)
-        colour = colour_compliance(service, concept, word, refs, steps=args.steps, judge=judge)
+        score = evaluate_concept(service, concept, word, refs, seeds=seeds, steps=args.steps, judge=judge)
+        colour = colour_compliance(service, concept, word, refs, seeds=seeds, steps=args.steps, judge=judge)
         rows.append((label, score, colour))
 
     print(
