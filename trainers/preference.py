@@ -86,7 +86,9 @@ class PreferenceConfig:
     """User mode: 0 trains the tokens freely (from zero unless ``init_attributes`` start them). Above 0 each token
     row is a trained direction times ``token_norm`` times the median row norm of the pairs' text states, so the
     branch speaks as loudly as a prompt word from the first step and DPO can only turn it, not mute it (free tokens
-    from zero end far smaller than text states, and the images barely move)."""
+    from zero end far smaller than text states, and the images barely move). Off by default: with the attribute
+    start it changed colour or background in most held-out comparisons but won only 0.521 (-11.5 compliance points,
+    `bench/eval_preference.py`); from a random direction 0.531 on dev users 100-103."""
     init_top: int = 2
     """At most this many attributes are chosen (greedily; one joins only if it lowers the loss further)."""
     init_draws: int = 4
