@@ -34,6 +34,21 @@ def _config(*overrides: str) -> NetiConfig:
     return load_config(NetiConfig, overrides=[*base, "resolution=32", *overrides])
 
 
+def _count_text_encoder_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of each `ConditioningEncoder.encode` call (prompts x rows per prompt), appended as training runs."""
+    from trainers.neti import ConditioningEncoder
+
+    rows: list[int] = []
+    encode = ConditioningEncoder.encode
+
+    def spy(self, prompts, outputs, rows_per_prompt):  # noqa: ANN001, ANN202
+        rows.append(prompts.input_ids[0].shape[0] * rows_per_prompt)
+        return encode(self, prompts, outputs, rows_per_prompt)
+
+    monkeypatch.setattr(ConditioningEncoder, "encode", spy)
+    return rows
+
+
 @torch.no_grad()
 def _frozen_digest(pipe) -> float:  # noqa: ANN001
     return float(
@@ -132,19 +147,10 @@ def test_frozen_super_category_bias_stays_at_the_word_with_several_vectors(image
 def test_conditioning_groups_share_one_prompt_and_timestep_per_group(images, monkeypatch, build):
     """With conditioning_groups=1 a batch of 3 runs the text encoder over n_layers rows (not 3 x n_layers), every
     image sees the same timestep, and the U-Net still gets the whole batch (SDXL's pooled embedding included)."""
-    from trainers.neti import ConditioningEncoder
-
     pipe = build()
     base = BaseModel.from_pipeline(pipe, "tiny-random")
     n_layers = len(base.family.cross_attention_layers(pipe.unet))
-    rows: list[int] = []
-    encode = ConditioningEncoder.encode
-
-    def spy(self, prompts, outputs, rows_per_prompt):  # noqa: ANN001, ANN202
-        rows.append(prompts.input_ids[0].shape[0] * rows_per_prompt)
-        return encode(self, prompts, outputs, rows_per_prompt)
-
-    monkeypatch.setattr(ConditioningEncoder, "encode", spy)
+    rows = _count_text_encoder_rows(monkeypatch)
     seen: list[torch.Tensor] = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
     try:
@@ -178,19 +184,10 @@ def test_context_loss_compares_the_words_after_the_placeholder_with_those_after_
 
 @pytest.mark.parametrize("build", [build_tiny_sd1_pipeline, build_tiny_sdxl_pipeline], ids=["sd1", "sdxl"])
 def test_context_regularisation_joins_the_one_batched_text_encoder_call(images, monkeypatch, build):
-    from trainers.neti import ConditioningEncoder
-
     pipe = build()
     base = BaseModel.from_pipeline(pipe, "tiny-random")
     n_layers = len(base.family.cross_attention_layers(pipe.unet))
-    rows: list[int] = []
-    encode = ConditioningEncoder.encode
-
-    def spy(self, prompts, outputs, rows_per_prompt):  # noqa: ANN001, ANN202
-        rows.append(prompts.input_ids[0].shape[0] * rows_per_prompt)
-        return encode(self, prompts, outputs, rows_per_prompt)
-
-    monkeypatch.setattr(ConditioningEncoder, "encode", spy)
+    rows = _count_text_encoder_rows(monkeypatch)
     history = LossHistory()
     train_neti(_config("steps=2", "batch_size=2", "context_weight=1"), base, images, callbacks=[history])
     assert rows == [3 * n_layers, 3 * n_layers], "2 training prompts and 1 context prompt, every layer, one call"
