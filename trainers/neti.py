@@ -527,6 +527,8 @@ def context_preservation_loss(
     they are where a token that swallows the prompt shows: the words' meaning no longer reaches them.
     """
     marked = slots.nonzero().flatten()
+    if marked.numel() == 0:  # the placeholder fell past the token limit: nothing to compare
+        return states.sum() * 0.0
     after, word_end = int(marked[-1]) + 1, int(marked[0]) + word_length
     count = min(states.shape[1] - after, target.shape[0] - word_end)
     if count <= 0:
@@ -729,6 +731,7 @@ def train_neti(
     groups = config.conditioning_groups or config.batch_size
     group_of = torch.arange(config.batch_size, device=device) * groups // config.batch_size  # image -> its group
     states = _LayerStates()
+    context_targets: dict[str, torch.Tensor] = {}
     seam = install_conditioning(pipeline.unet, layer_names)
     reporter = ProgressReporter(config.steps, callbacks, start_step=start_step)
     started = time.monotonic()
@@ -750,7 +753,8 @@ def train_neti(
                     noisy = scheduler.add_noise(clean, noise, timesteps)
                     prompts = [template_prompt(templates, mapper.spec.placeholder_token, rng) for _ in range(groups)]
                     # With the context regularisation, one new-context prompt joins the batched call (at the first
-                    # group's timestep, every layer), so it costs n_layers more rows and no extra call.
+                    # group's timestep, every layer): n_layers more rows, no extra call with gradients. Its target,
+                    # the template with the super-category word, is encoded once per template.
                     contexts = [rng.choice(CONTEXT_TEMPLATES)] if config.context_weight > 0 else []
                     row_timesteps = torch.cat([group_timesteps, group_timesteps[: len(contexts)]])
                     outputs = mapper(
@@ -763,12 +767,16 @@ def train_neti(
                     plain, bypassed = text.encode(tokenized, outputs, n_layers)
                     context_loss = None
                     if contexts:
-                        with torch.no_grad():
-                            word = [context.format(config.super_category) for context in contexts]
-                            target = pipeline_prompts(pipeline, word, device)[PROMPT_EMBEDS]
+                        if contexts[0] not in context_targets:
+                            with torch.no_grad():
+                                word = contexts[0].format(config.super_category)
+                                context_targets[contexts[0]] = pipeline_prompts(pipeline, [word], device)[PROMPT_EMBEDS]
                         rows = groups * n_layers
                         context_loss = context_preservation_loss(
-                            plain[rows:], tokenized.slots[0][groups], target[0], text.word_lengths[0]
+                            plain[rows:],
+                            tokenized.slots[0][groups],
+                            context_targets[contexts[0]][0],
+                            text.word_lengths[0],
                         )
                         plain, bypassed = plain[:rows], bypassed[:rows]
                     states.plain = plain.unflatten(0, (groups, n_layers))[group_of]
