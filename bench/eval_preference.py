@@ -30,8 +30,8 @@ circle on a blue background" for a warm, dark-background, large-object user), th
 on the same seeds and is scored like every mode, against the original prompt's words. It says how much of the
 target this protocol allows on this base model, so a method's gap can be told from the world's. Measured (24
 prompts, 20 sampling steps): 0.862 [0.824, 0.893] and +6.0 compliance points on dev users 100-107; 0.792 [0.748,
-0.829] and +10.2 points on the held-out users, where three users (7303, 7306, 7308) tie on 25-34 of 48 comparisons
-because the base already draws what they like. User mode with ``--init --strength 0.75 --set steps=150 --set
+0.829] and +10.2 points on the held-out users, where four users (7303, 7306, 7307, 7308) tie on 25-34 of 48
+comparisons because the base already draws what they like. User mode with ``--init --strength 0.75 --set steps=150 --set
 token_norm=1`` (norm-matched tokens from the attribute start) scored 0.521 and -11.5 compliance points held-out:
 the tokens change the images decisively, but the start picks attributes that are often wrong for the user.
 
