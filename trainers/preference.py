@@ -538,20 +538,18 @@ def train_user_preference(
         prompts = [pair.prompt for pair in pairs]
         start = choose_attributes(model, base.pipeline, data, prompts, cfg) if cfg.init_attributes else None
         masks = start.masks if start else torch.ones(len(pairs), cfg.tokens, device=model.device)
-        if cfg.token_norm > 0:
-            norm = cfg.token_norm * _text_row_norm(data)
-            direction = start.tokens.clone() if start else torch.randn(cfg.tokens, width, generator=generator)
-            weights = nn.Parameter(direction.to(model.device))
-
-            def current() -> torch.Tensor:
-                return norm * F.normalize(weights, dim=-1)
+        # With token_norm the parameter is each row's direction (a random one unless the attributes start it).
+        norm = cfg.token_norm * _text_row_norm(data) if cfg.token_norm > 0 else 0.0
+        if start:
+            initial = start.tokens.clone()
+        elif norm:
+            initial = torch.randn(cfg.tokens, width, generator=generator)
         else:
-            weights = nn.Parameter(
-                start.tokens.clone() if start else torch.zeros(cfg.tokens, width, device=model.device)
-            )
+            initial = torch.zeros(cfg.tokens, width)
+        weights = nn.Parameter(initial.to(model.device))
 
-            def current() -> torch.Tensor:
-                return weights
+        def current() -> torch.Tensor:
+            return norm * F.normalize(weights, dim=-1) if norm else weights
 
         groups: list[dict[str, Any]] = [{"params": [weights], "lr": cfg.lr}]
         model.branches.to(model.device).requires_grad_(cfg.train_projections)
