@@ -25,6 +25,7 @@ from studio.adapter_files import AdapterFile, AdapterMetadata
 from studio.errors import InvalidInputError, NotAvailableError
 from studio.preferences import PreferencePair
 from studio.world.judge import JudgeNet
+from trainers.core.config import load_config
 from trainers.preference import (
     ClipVisionFeatures,
     JudgeFeatures,
@@ -142,6 +143,60 @@ def test_per_user_tokens_start_from_the_attributes_that_explain_the_picks():
     # The choice is a function of the pairs and the seed.
     again = train_user_preference(cfg, pairs_of("alice", 4), base)
     assert again.metadata.config["initial_attributes"] == chosen
+
+
+class ColourReader:
+    """A stand-in attribute reader for solid-colour images: a colour word is present where the image has it."""
+
+    name = "colour"
+
+    def presence(self, images, attributes):
+        from PIL import ImageColor
+
+        return torch.tensor(
+            [
+                [float(a in COLOURS and image.getpixel((0, 0)) == ImageColor.getrgb(a)) for a in attributes]
+                for image in images
+            ]
+        )
+
+
+def test_the_reader_start_takes_the_attribute_the_picks_favour():
+    base = tiny_base()
+    # Alice always picks the red image, whatever it is compared with.
+    pairs = [
+        PreferencePair("alice", f"a shape number {i}", Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), c))
+        for i, c in enumerate(("blue", "green", "yellow", "black", "white", "purple"))
+    ]
+    candidates = ("red", "blue", "green", "black background", "large")
+    cfg = PreferenceConfig(
+        steps=1, batch_size=2, lr=1e-12, init_attributes=candidates, init_reader="colour", init_top=3
+    )
+    adapter = train_user_preference(cfg, pairs, base, attribute_reader=ColourReader())
+    config = adapter.metadata.config
+    # Red leads the colour slot; nothing in the images speaks for a background or a size, so those stay open.
+    assert config["initial_attributes"] == ["red"] and config["initial_fit"] == 1.0
+    expected = phrase_tokens(base.pipeline, "red", 4, torch.device("cpu"))
+    assert torch.allclose(adapter.tensors[TOKENS_KEY], expected, atol=1e-6)
+
+
+def test_the_reader_start_stays_empty_when_the_picks_favour_nothing():
+    base = tiny_base()
+    # Each colour is picked as often as it is passed over: the picks carry no taste for a colour.
+    pairs = pairs_of("alice", 4) + [replace(p, preferred=p.other, other=p.preferred) for p in pairs_of("alice", 4)]
+    cfg = PreferenceConfig(steps=1, batch_size=2, lr=1e-12, init_attributes=("red", "blue"), init_reader="colour")
+    adapter = train_user_preference(cfg, pairs, base, attribute_reader=ColourReader())
+    assert adapter.metadata.config["initial_attributes"] == []
+    # Zero tokens (one Adam step at a vanishing learning rate moves them by about that rate): the base model.
+    assert float(adapter.tensors[TOKENS_KEY].abs().max()) < 1e-9
+
+
+def test_the_reader_start_needs_candidates_and_a_known_reader():
+    with pytest.raises(InvalidInputError, match="init_attributes"):
+        load_config(PreferenceConfig, overrides=["init_reader=judge"])
+    cfg = PreferenceConfig(steps=1, init_attributes=("red",), init_reader="clip-someday")
+    with pytest.raises(NotAvailableError, match="not available yet"):
+        train_user_preference(cfg, pairs_of("alice", 4), tiny_base())
 
 
 @pytest.fixture

@@ -251,6 +251,25 @@ def attributes_for_prompt(attributes: Sequence[str], prompt: str, nouns: Sequenc
     return kept
 
 
+_SIZE_WORDS = frozenset({"large", "small", "big", "tiny", "huge"})
+
+
+def attribute_slot(attribute: str) -> str:
+    """What an attribute is a choice of: attributes of one slot are alternatives (a subject has one colour).
+
+    >>> [attribute_slot(a) for a in ["red", "black background", "striped background", "large", "vintage"]]
+    ['colour', 'background', 'background', 'size', 'vintage']
+    """
+    words = attribute.lower().split()
+    if len(words) > 1:
+        return words[-1]
+    if words and words[0] in _COLOUR_WORDS:
+        return "colour"
+    if words and words[0] in _SIZE_WORDS:
+        return "size"
+    return attribute.lower()
+
+
 def attribute_nouns(attributes: Sequence[str]) -> list[str]:
     """What multi-word attributes are about: their last word ("background" of "black background")."""
     return list(dict.fromkeys(attribute.split()[-1].lower() for attribute in attributes if len(attribute.split()) > 1))
