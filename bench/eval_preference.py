@@ -52,7 +52,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataclasses import replace  # noqa: E402
 
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipelines.kinds.preference import attribute_preference  # noqa: E402
@@ -84,6 +85,7 @@ from studio.world.scene import (  # noqa: E402
 from studio.world.users import SimulatedUser, features_of, random_user  # noqa: E402
 from trainers.core.config import load_config  # noqa: E402
 from trainers.preference import (  # noqa: E402
+    JudgeAttributes,
     JudgeFeatures,
     PreferenceConfig,
     embed_user,
@@ -148,31 +150,80 @@ def oracle_prompt(user: SimulatedUser, scene: Scene) -> str:
     >>> oracle_prompt(user, Scene("white", (ObjectSpec("circle", "blue"),), caption_style="no_colour"))
     'a large red circle on a white background'
     """
+
+    def score(colour: str, background: str, coverage: float) -> float:
+        features = features_of(colour, background, coverage, user.favourite)
+        return sum(user.weights.get(name, 0.0) * value for name, value in features.items())
+
+    return taste_prompt(score, user.weights.get("large_object", 0.0), scene)
+
+
+def taste_prompt(score: Callable[[str, str, float], float], size_weight: float, scene: Scene) -> str:
+    """``scene``'s caption with a taste written into what it leaves open: the (colour, background) that ``score``
+    (colour, background, coverage) rates highest where the prompt names none, and "large" or "small" by the sign of
+    ``size_weight``. A slot every fitting word scores the same for stays open. See `oracle_prompt`."""
     obj = scene.objects[0]
     style = scene.caption_style
     colour_open = style in ("bare", "no_colour")
     background_open = style in ("bare", "no_background")
-    size_weight = user.weights.get("large_object", 0.0)
     size = "large" if size_weight > 0 else "small" if size_weight < 0 else "medium"
     coverage = 3.0 * SIZES[size] ** 2
     colours = list(COLOURS) if colour_open else [str(obj.colour)]
     backgrounds = list(BACKGROUNDS) if background_open else [scene.background]
-
-    def score(colour: str, background: str) -> float:
-        features = features_of(colour, background, coverage, user.favourite)
-        return sum(user.weights.get(name, 0.0) * value for name, value in features.items())
-
     options = [(c, b) for c in colours for b in backgrounds if c != b]
-    colour, background = max(options, key=lambda option: score(*option))
+    colour, background = max(options, key=lambda option: score(*option, coverage))
     # A slot stays open where the user does not care: every word that fits scores what the chosen one does.
-    name_colour = not colour_open or len({score(c, background) for c in colours if c != background}) > 1
-    name_background = not background_open or len({score(colour, b) for b in backgrounds if b != colour}) > 1
+    name_colour = not colour_open or len({score(c, background, coverage) for c in colours if c != background}) > 1
+    name_background = not background_open or len({score(colour, b, coverage) for b in backgrounds if b != colour}) > 1
     words = [*([size] if size != "medium" else []), *([colour] if name_colour else []), obj.shape]
     prompt = f"{article(words[0])} {' '.join(words)}"
     if name_background:
         phrase = background_phrase(background)
         prompt += f" on {article(phrase)} {phrase} background"
     return prompt
+
+
+PRIOR_USERS = range(500_000, 520_000)
+"""The ``posterior`` ceiling's prior: users drawn as the held-out ones are (`random_user`), from seeds no evaluation
+uses. Population mode learns this distribution from its training users; the ceiling is handed it."""
+
+
+class TastePosterior:
+    """The ``posterior`` ceiling: what ``k`` picks can tell about a user, at best. Bayes' rule over the world's user
+    prior (`PRIOR_USERS`) with each prior user's Bradley-Terry pick likelihood on the judge's readings of the picked
+    pairs; the taste it writes into a prompt is the posterior's expected score. A reference, not a method: it is
+    handed the form of the users' taste (`features_of`) and their prior, which a method has to learn."""
+
+    def __init__(self, picks: Sequence[tuple[Reading, Reading]], prior: Sequence[SimulatedUser]) -> None:
+        self.favourites = sorted({u.favourite or "" for u in prior})
+        log_likelihood = np.zeros(len(prior))
+        for index, user in enumerate(prior):
+            for preferred, other in picks:
+                margin = (user.score_reading(preferred) - user.score_reading(other)) / max(1e-6, user.temperature)
+                log_likelihood[index] -= np.logaddexp(0.0, -margin)
+        posterior = np.exp(log_likelihood - log_likelihood.max())
+        posterior /= posterior.sum()
+        # The expected score is linear in the weights within each favourite colour: one mean weight vector each.
+        self.mean_weights: dict[str, dict[str, float]] = {}
+        for favourite in self.favourites:
+            mean: dict[str, float] = {}
+            for probability, user in zip(posterior, prior, strict=True):
+                if (user.favourite or "") == favourite:
+                    for name, weight in user.weights.items():
+                        mean[name] = mean.get(name, 0.0) + probability * weight
+            self.mean_weights[favourite] = mean
+        self.size_weight = sum(m.get("large_object", 0.0) for m in self.mean_weights.values())
+        self.effective_users = float(1.0 / np.sum(posterior**2))
+
+    def score(self, colour: str, background: str, coverage: float) -> float:
+        total = 0.0
+        for favourite, weights in self.mean_weights.items():
+            features = features_of(colour, background, coverage, favourite or None)
+            total += sum(weights.get(name, 0.0) * value for name, value in features.items())
+        return total
+
+    def prompt(self, scene: Scene) -> str:
+        return taste_prompt(self.score, self.size_weight, scene)
 
 
 class Setup:
@@ -311,18 +362,25 @@ def user_pairs(setup: Setup, user: SimulatedUser, count: int, seed: int) -> list
     return pairs[:count]
 
 
-def compare(setup: Setup, user: SimulatedUser, adapter: AdapterRef | None, scenes: Sequence[Scene]) -> dict[str, Any]:
+def compare(
+    setup: Setup,
+    user: SimulatedUser,
+    adapter: AdapterRef | None,
+    scenes: Sequence[Scene],
+    prompt_for: Callable[[Scene], str] | None = None,
+) -> dict[str, Any]:
     """Wins of the preference over the base for ``user`` on held-out prompts and seeds, and compliance of both.
 
-    ``adapter`` None is the ``oracle`` ceiling: the base model on `oracle_prompt`, scored against the original
-    prompt's words like every mode.
+    ``adapter`` None is a ceiling: the base model on ``prompt_for`` (default `oracle_prompt`), scored against the
+    original prompt's words like every mode.
     """
+    prompt_for = prompt_for or (lambda scene: oracle_prompt(user, scene))
     wins = ties = n = changed = comply_base = comply_pref = 0
     for scene in scenes:
         prompt = caption_for(scene)
         base_images = setup.base_images(prompt)
         if adapter is None:
-            pref_images = setup.generate(oracle_prompt(user, scene), EVAL_SEEDS)
+            pref_images = setup.generate(prompt_for(scene), EVAL_SEEDS)
         else:
             pref_images = setup.generate(prompt, EVAL_SEEDS, [adapter])
         for base_image, pref_image in zip(base_images, pref_images, strict=True):
@@ -354,9 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mode",
-        choices=("user", "population", "attributes", "oracle"),
+        choices=("user", "population", "attributes", "oracle", "posterior"),
         default="user",
-        help="oracle: the ceiling, the user's hidden taste written into the prompt (a reference, not a method)",
+        help="oracle: the ceiling, the user's hidden taste written into the prompt (a reference, not a method); "
+        "posterior: the ceiling of what --pairs picks tell (Bayes over the world's user prior, into the prompt)",
     )
     parser.add_argument("--base", default="tiny")
     parser.add_argument("--users", default=",".join(map(str, DEFAULT_EVAL_USERS)), help="random_user seeds")
@@ -400,10 +459,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         count = 3
     results = []
+    prior = [random_user(seed) for seed in PRIOR_USERS] if args.mode == "posterior" else []
     for index, user in enumerate(users):
         name = f"user-{index}"
         if args.mode == "oracle":
             result = compare(setup, user, None, scenes)
+        elif args.mode == "posterior":
+            picks = [
+                tuple(setup.read([p.preferred, p.other])) for p in user_pairs(setup, user, count, seed=100 + index)
+            ]
+            posterior = TastePosterior(picks, prior)
+            logger.info("%s: posterior over %.0f effective prior users", user.name, posterior.effective_users)
+            result = compare(setup, user, None, scenes, prompt_for=posterior.prompt)
         elif args.mode == "attributes":
             liked, disliked = attributes_of(user)
             adapter = attribute_preference(liked, disliked, family=family, user_id=user.name)
@@ -412,8 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if population is not None:
                 adapter = embed_user(population, pairs, image_features=setup.features)
             else:
-                adapter = train_user_preference(config, pairs, setup.base)
-        if args.mode != "oracle":
+                reader = JudgeAttributes(setup.judge) if config.init_reader == "judge" else None
+                adapter = train_user_preference(config, pairs, setup.base, attribute_reader=reader)
+        if args.mode not in ("oracle", "posterior"):
             save_adapter(setup.folder / f"{name}.safetensors", adapter)
             option = "attribute_scale" if args.mode == "attributes" else "strength"
             scale = args.strength if args.mode != "attributes" else 0.85 * args.strength

@@ -1,4 +1,5 @@
-"""The preference benchmark's oracle ceiling: the user's hidden taste written only into what a prompt leaves open."""
+"""The preference benchmark's ceilings: the user's hidden taste (oracle), or what their picks tell (posterior), written
+only into what a prompt leaves open."""
 
 from __future__ import annotations
 
@@ -44,3 +45,22 @@ def test_oracle_leaves_open_what_the_user_does_not_care_about(bench):
     # The favourite colour can be the object's or the background's, whichever scores higher with the rest.
     fan = SimulatedUser("u", {"favourite_colour": 1.0, "cool_object": 0.5}, favourite="orange")
     assert bench.oracle_prompt(fan, scene("bare")) == "a green circle on an orange background"
+
+
+def reading(colour: str, background: str, coverage: float = 0.15):
+    from studio.world.judge import Reading
+
+    return Reading(background, 1, "circle", colour, [], coverage, 1.0)
+
+
+def test_the_posterior_ceiling_writes_what_the_picks_tell(bench):
+    warm = SimulatedUser("warm", {"warm_object": 1.0})
+    cool = SimulatedUser("cool", {"cool_object": 1.0})
+    dark = SimulatedUser("dark", {"dark_background": 1.0})
+    # Red was picked over blue twice: of these three tastes, only the warm one explains it.
+    picks = [(reading("red", "white"), reading("blue", "white"))] * 2
+    posterior = bench.TastePosterior(picks, [warm, cool, dark])
+    assert posterior.prompt(scene("no_colour")) == "a red circle on a white background"
+    # No pick at all: the prior alone, where warm and cool cancel and a dark background is liked on average.
+    flat = bench.TastePosterior([], [warm, cool, dark])
+    assert flat.prompt(scene("no_background")) == "a blue circle on a purple background"
