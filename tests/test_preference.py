@@ -15,6 +15,7 @@ from test_pipeline_helpers import pixels, random_lora, tiny_base, write
 from pipelines.kinds.conditioning import ConditionedAttnProcessor
 from pipelines.kinds.preference import (
     TOKENS_KEY,
+    PreferenceBranches,
     attribute_preference,
     combine_attribute_guidance,
     interpolate_preferences,
@@ -27,12 +28,14 @@ from studio.preferences import PreferencePair
 from studio.world.judge import JudgeNet
 from trainers.core.config import load_config
 from trainers.preference import (
+    AttributeExample,
     ClipVisionFeatures,
     JudgeFeatures,
     PreferenceConfig,
     diffusion_dpo_loss,
     embed_user,
     phrase_tokens,
+    train_attribute_branch,
     train_population,
     train_user_preference,
 )
@@ -197,6 +200,85 @@ def test_the_reader_start_needs_candidates_and_a_known_reader():
     cfg = PreferenceConfig(steps=1, init_attributes=("red",), init_reader="clip-someday")
     with pytest.raises(NotAvailableError, match="not available yet"):
         train_user_preference(cfg, pairs_of("alice", 4), tiny_base())
+
+
+def attribute_lessons(count: int) -> list[AttributeExample]:
+    colours = ("red", "blue", "green", "yellow")
+    return [
+        AttributeExample(f"a shape number {i}", c, f"a {c} shape number {i}", Image.new("RGB", (64, 64), c))
+        for i, c in ((i, colours[i % len(colours)]) for i in range(count))
+    ]
+
+
+def test_the_attribute_branch_trains_the_projections_a_user_then_starts_from(tmp_path):
+    base = tiny_base()
+    cfg = PreferenceConfig(mode="branch", steps=2, batch_size=2, branch_lr=1e-2)
+    branch = train_attribute_branch(cfg, attribute_lessons(8), base)
+    config = branch.metadata.config
+    assert config["mode"] == "branch" and config["attributes"] == ["blue", "green", "red", "yellow"]
+    assert {"held_out_error", "held_out_error_untrained", "held_out_error_plain_prompt"} <= set(config)
+    layers = {k: v for k, v in branch.tensors.items() if k.startswith("preference.layers.")}
+    copies = PreferenceBranches.from_unet(base.pipeline.unet, base.family.cross_attention_layers(base.pipeline.unet))
+    assert set(layers) == set(copies.layer_tensors())
+    assert any(not torch.equal(layers[k], v) for k, v in copies.layer_tensors().items())  # trained, not the copies
+    path = write(tmp_path, "branch", branch)
+    # A user trained on it carries the branch's projections unchanged (only the tokens train).
+    user = train_user_preference(PreferenceConfig(steps=1, batch_size=2, branch=str(path)), pairs_of("alice", 4), base)
+    for key, value in layers.items():
+        assert torch.equal(user.tensors[key], value)
+    # The branch alone is not something to generate with.
+    service = PipelineService(base, adapter_source=tmp_path)
+    with pytest.raises(InvalidInputError, match="attribute branch"):
+        service.generate(GenerationRequest(prompt=PROMPT, seeds=[0], steps=2, adapters=[AdapterRef("branch")]))
+
+
+def test_a_branch_must_be_a_branch_file(tmp_path):
+    base = tiny_base()
+    missing = PreferenceConfig(steps=1, batch_size=2, branch=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(InvalidInputError, match="found no file"):
+        train_user_preference(missing, pairs_of("alice", 4), base)
+    path = write(tmp_path, "alice", user_adapter("alice", seed=1))
+    with pytest.raises(InvalidInputError, match=r"found preference \(user\)"):
+        train_user_preference(PreferenceConfig(steps=1, branch=str(path)), pairs_of("alice", 4), base)
+    with pytest.raises(InvalidInputError, match="at least 4 attribute examples"):
+        train_attribute_branch(PreferenceConfig(mode="branch", batch_size=2), attribute_lessons(3), base)
+
+
+def test_an_attribute_population_embeds_a_new_user_from_a_few_picks(tmp_path):
+    base = tiny_base()
+    branch = write(
+        tmp_path,
+        "branch",
+        train_attribute_branch(PreferenceConfig(mode="branch", steps=1, batch_size=2), attribute_lessons(8), base),
+    )
+
+    def picks(user: str, liked: str, others: tuple[str, ...]) -> list[PreferencePair]:
+        return [
+            PreferencePair(user, f"a shape {i}", Image.new("RGB", (64, 64), liked), Image.new("RGB", (64, 64), o))
+            for i, o in enumerate(others)
+        ]
+
+    # Half the population likes red, half blue; each was asked against the other colours.
+    population_pairs = [
+        pair
+        for n in range(4)
+        for pair in picks(f"user{n}", ("red", "blue")[n % 2], ("green", "yellow", "white", ("blue", "red")[n % 2]))
+    ]
+    overrides = {"init_attributes": ("red", "blue", "green"), "init_reader": "colour", "branch": str(branch)}
+    cfg = PreferenceConfig(mode="population", population_encoder="attributes", context_pairs=2, **overrides)
+    population = train_population(cfg, population_pairs, base, attribute_reader=ColourReader())
+    assert population.metadata.config["users"] == 4
+    # A new user picked red twice: of the population, the red lovers explain that.
+    user = embed_user(population, picks("carol", "red", ("green", "yellow")), attribute_reader=ColourReader())
+    assert user.metadata.config["attribute_groups"] == ["red"]
+    assert torch.allclose(user.tensors[TOKENS_KEY], phrase_tokens(base.pipeline, "red", 4, torch.device("cpu")))
+    write(tmp_path, "carol", user)
+    images = PipelineService(base, adapter_source=tmp_path).generate(
+        GenerationRequest(prompt="a shape", seeds=[0], steps=2, adapters=[AdapterRef("carol")])
+    )
+    assert len(images.images) == 1
+    with pytest.raises(InvalidInputError, match="branch"):
+        load_config(PreferenceConfig, overrides=["mode=population", "population_encoder=attributes"])
 
 
 @pytest.fixture

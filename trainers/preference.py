@@ -57,7 +57,7 @@ from trainers.core.progress import ProgressEvent, ProgressReporter
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["user", "population", "embed"]
+Mode = Literal["user", "population", "embed", "branch"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,11 @@ class PreferenceConfig:
     """With ``init_reader``: the ridge weight of the Bradley-Terry fit (16 picks name about as many attributes)."""
     init_margin: float = 0.05
     """With ``init_reader``: how far (in Bradley-Terry utility) an attribute must beat its slot's average to join."""
+    branch: str = ""
+    """User mode: an attribute-branch file (`train_attribute_branch`): the decoupled projections start from it, so
+    the user's attribute tokens act as the attributes' words in the prompt would. The adapter carries them."""
+    branch_lr: float = 2e-3
+    """Branch mode: learning rate of the projections (``steps`` and ``batch_size`` as in the other modes)."""
     init_top: int = 2
     """At most this many attributes are chosen (greedily; one joins only if it lowers the loss further)."""
     init_draws: int = 4
@@ -114,6 +119,11 @@ class PreferenceConfig:
     context_pairs: int = 4
     """Pairs the encoder reads per user (what a new user must give)."""
     hidden: int = 256
+    population_encoder: Literal["network", "attributes"] = "network"
+    """``network``: PPD's learned encoder and projections, trained with DPO. ``attributes``: each training user's
+    Bradley-Terry utilities over ``init_attributes`` (read by ``init_reader``) form the population; a new user's
+    picks weigh the population users by how well each explains them (Bayes' rule), and the expected utilities choose
+    the new user's attribute tokens, read through the ``branch`` projections (`embed_user`)."""
     image_encoder: str = "judge"
     """``judge`` (the shapes world's judge CNN) or the folder of a local CLIP vision model."""
     # embed mode
@@ -123,8 +133,14 @@ class PreferenceConfig:
     def validate(self) -> None:
         """Ranges of the options."""
         expect_positive(self, "tokens", "beta", "steps", "batch_size", "lr", "users_per_step", "context_pairs")
-        expect_positive(self, "hidden", "log_every", "max_grad_norm", "init_top", "init_draws")
+        expect_positive(self, "hidden", "log_every", "max_grad_norm", "init_top", "init_draws", "branch_lr")
         expect_non_negative(self, "projection_lr", "token_norm", "init_l2", "init_margin")
+        if self.mode == "population" and self.population_encoder == "attributes":
+            missing = [key for key in ("init_attributes", "init_reader", "branch") if not getattr(self, key)]
+            if missing:
+                raise InvalidInputError(
+                    f"population_encoder 'attributes' expects config keys {', '.join(missing)} to be set, got none"
+                )
         if self.init_reader and not self.init_attributes:
             raise InvalidInputError(
                 f"config key 'init_reader' expects candidate attributes in 'init_attributes', got none "
@@ -611,6 +627,36 @@ def fit_attribute_utilities(differences: torch.Tensor, l2: float) -> torch.Tenso
     return u.float()
 
 
+def liked_attributes(candidates: Sequence[str], utilities: torch.Tensor, margin: float, top: int) -> list[str]:
+    """Per slot (`attribute_slot`) the best-liked candidate, if it beats the slot's average utility by ``margin``
+    (a one-candidate slot: 0), the clearest first, at most ``top``.
+
+    >>> liked_attributes(["red", "blue", "large"], torch.tensor([0.5, -0.5, 0.01]), margin=0.05, top=3)
+    ['red']
+    """
+    slots: dict[str, list[int]] = {}
+    for index, candidate in enumerate(candidates):
+        slots.setdefault(attribute_slot(candidate), []).append(index)
+    liked: list[tuple[float, str]] = []
+    for members in slots.values():
+        best = max(members, key=lambda i: float(utilities[i]))
+        reference = float(utilities[members].mean()) if len(members) > 1 else 0.0
+        lead = float(utilities[best]) - reference
+        if lead > margin:
+            liked.append((lead, candidates[best]))
+    return [candidate for _, candidate in sorted(liked, reverse=True)[:top]]
+
+
+def _presence_differences(
+    pairs: Sequence[PreferencePair], reader: AttributeReader, candidates: Sequence[str]
+) -> torch.Tensor:
+    """``[len(pairs), len(candidates)]``: the preferred image's presence minus the other's (each image read once)."""
+    images = {id(image): image for pair in pairs for image in (pair.preferred, pair.other)}
+    keys = list(images)
+    table = dict(zip(keys, reader.presence([images[k] for k in keys], candidates).float(), strict=True))
+    return torch.stack([table[id(p.preferred)] - table[id(p.other)] for p in pairs])
+
+
 @torch.no_grad()
 def reader_start(
     pipeline: Any,
@@ -629,21 +675,9 @@ def reader_start(
     and, unlike scoring candidates through the diffusion model, it sees what is in the images the user compared.
     """
     candidates = _candidates(cfg)
-    images = [pair.preferred for pair in pairs] + [pair.other for pair in pairs]
-    presence = reader.presence(images, candidates).float()
-    differences = presence[: len(pairs)] - presence[len(pairs) :]
+    differences = _presence_differences(pairs, reader, candidates)
     utilities = fit_attribute_utilities(differences, cfg.init_l2)
-    slots: dict[str, list[int]] = {}
-    for index, candidate in enumerate(candidates):
-        slots.setdefault(attribute_slot(candidate), []).append(index)
-    liked: list[tuple[float, str]] = []
-    for members in slots.values():
-        best = max(members, key=lambda i: float(utilities[i]))
-        reference = float(utilities[members].mean()) if len(members) > 1 else 0.0
-        lead = float(utilities[best]) - reference
-        if lead > cfg.init_margin:
-            liked.append((lead, candidates[best]))
-    chosen = [candidate for _, candidate in sorted(liked, reverse=True)[: cfg.init_top]]
+    chosen = liked_attributes(candidates, utilities, cfg.init_margin, cfg.init_top)
     logger.info(
         "preference start (%s reader): %s; utilities %s",
         reader.name,
@@ -720,6 +754,8 @@ def train_user_preference(
         def current() -> torch.Tensor:
             return norm * F.normalize(weights, dim=-1) if norm else weights
 
+        if cfg.branch:
+            model.branches.load_layer_tensors(load_branch(cfg.branch).tensors)
         groups: list[dict[str, Any]] = [{"params": [weights], "lr": cfg.lr}]
         model.branches.to(model.device).requires_grad_(cfg.train_projections)
         if cfg.train_projections:
@@ -752,7 +788,7 @@ def train_user_preference(
             "attribute_nouns": start.nouns,
             "tokens_per_attribute": cfg.tokens,
         }
-    if cfg.train_projections:
+    if cfg.train_projections or cfg.branch:
         tensors.update({k: v.float().cpu() for k, v in model.branches.layer_tensors().items()})
     config = {
         "mode": "user",
@@ -765,6 +801,152 @@ def train_user_preference(
         "initial_fit": round(start.share, 4) if start else None,
         "final_loss": round(float(np.mean(losses[-cfg.log_every :])), 5),
         "final_implicit_accuracy": round(float(np.mean(accuracies[-cfg.log_every :])), 4),
+        "training": config_to_dict(cfg),
+    }
+    return AdapterFile(tensors, _metadata(base, config))
+
+
+# -- the attribute branch -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttributeExample:
+    """One lesson for the attribute branch: ``prompt`` leaves a slot open, ``attribute`` fills it (``red``, ``black
+    background``), ``expanded`` is the prompt with the attribute in its words, and ``image`` shows ``expanded``."""
+
+    prompt: str
+    attribute: str
+    expanded: str
+    image: Image.Image
+
+
+def load_branch(path: str | Path) -> AdapterFile:
+    """An attribute-branch file (``mode`` ``branch``), checked."""
+    from studio.adapter_files import load_adapter
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InvalidInputError(
+            f"config key 'branch' expects an attribute-branch .safetensors file, found no file {file}"
+        )
+    adapter = load_adapter(file)
+    mode = adapter.metadata.config.get("mode")
+    if adapter.metadata.kind != KIND or mode != "branch":
+        raise InvalidInputError(
+            f"config key 'branch' expects a preference attribute branch, found {adapter.metadata.kind} ({mode}) "
+            f"in {file}"
+        )
+    return adapter
+
+
+def train_attribute_branch(
+    cfg: PreferenceConfig,
+    examples: Sequence[AttributeExample],
+    base: Any,
+    *,
+    device: str | torch.device | None = None,
+    progress: Sequence[Callable[[ProgressEvent], None]] = (),
+) -> AdapterFile:
+    """The decoupled projections, trained once per base model, that make an attribute's tokens (`phrase_tokens`)
+    act as its words in the prompt would: the U-Net on ``prompt`` with the branch reading ``attribute``'s tokens
+    learns to predict what it predicts on ``expanded`` (distillation, on ``image`` noised at a random timestep).
+
+    The projections start as copies of each layer's own ``to_k``/``to_v``. Those read a phrase's tokens with no
+    place to put the rest of the picture's attention, so the copy recolours everything; trained, the branch learns
+    where an attribute belongs. Per-user adapters then start from it (``PreferenceConfig.branch``). Logged: the
+    held-out distillation error with the branch against the plain prompt's (the gap the branch closes).
+    """
+    if len(examples) < 2 * cfg.batch_size:
+        raise InvalidInputError(f"expected at least {2 * cfg.batch_size} attribute examples, found {len(examples)}")
+    torch.manual_seed(cfg.seed)
+    model = _prepare_model(base, _device(device))
+    pipeline = base.pipeline
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    try:
+        # 1. Data: latents of the images, text states of both prompts, tokens of each attribute (all encoded once).
+        size = int(model.unet.config.sample_size) * int(pipeline.vae_scale_factor)
+        with torch.no_grad():
+            from trainers.core.caching import encode_latents
+
+            pixels = torch.stack([_to_pixels(e.image, size) for e in examples])
+            latents = torch.cat(
+                [
+                    encode_latents(pipeline.vae, pixels[i : i + 32].to(model.device)).float()
+                    for i in range(0, len(pixels), 32)
+                ]
+            )
+            prompts = list(dict.fromkeys(text for e in examples for text in (e.prompt, e.expanded)))
+            states: dict[str, torch.Tensor] = {}
+            for start in range(0, len(prompts), 64):
+                chunk = prompts[start : start + 64]
+                encoded = pipeline.encode_prompt(
+                    prompt=chunk, device=model.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )[0]
+                states.update(zip(chunk, encoded.float(), strict=True))
+            tokens = {a: phrase_tokens(pipeline, a, cfg.tokens, model.device) for a in {e.attribute for e in examples}}
+        held_out = list(range(len(examples) - max(1, len(examples) // 16), len(examples)))
+        train_rows = [i for i in range(len(examples)) if i not in set(held_out)]
+
+        def errors(rows: Sequence[int], noise_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            """Distillation error with the branch, and the plain prompt's error against the same teacher."""
+            clean = latents[torch.tensor(list(rows))].to(model.dtype)
+            noise = sample_noise(clean, noise_generator)
+            timesteps = sample_timesteps(model.scheduler, len(rows), noise_generator, device=model.device)
+            noisy = model.scheduler.add_noise(clean, noise, timesteps)
+            plain_states = torch.stack([states[examples[i].prompt] for i in rows]).to(model.dtype)
+            with torch.no_grad():
+                expanded = torch.stack([states[examples[i].expanded] for i in rows]).to(model.dtype)
+                teacher = model.unet(noisy, timesteps, encoder_hidden_states=expanded).sample
+                plain = model.unet(noisy, timesteps, encoder_hidden_states=plain_states).sample
+            state = UserTokensState(torch.stack([tokens[examples[i].attribute] for i in rows]), model.branches, 1.0)
+            with model.seam.context.activate([("preference", state)]):
+                student = model.unet(noisy, timesteps, encoder_hidden_states=plain_states).sample
+            return F.mse_loss(student.float(), teacher.float()), F.mse_loss(plain.float(), teacher.float())
+
+        def held_out_errors() -> tuple[float, float]:
+            with torch.no_grad():
+                fixed = torch.Generator("cpu").manual_seed(cfg.seed + 1)
+                pairs = [
+                    errors(held_out[i : i + cfg.batch_size], fixed) for i in range(0, len(held_out), cfg.batch_size)
+                ]
+            return float(np.mean([float(a) for a, _ in pairs])), float(np.mean([float(b) for _, b in pairs]))
+
+        # 2. The loop: only the projections train.
+        model.branches.to(model.device).requires_grad_(True)
+        params = list(model.branches.parameters())
+        optimizer = torch.optim.AdamW(params, lr=cfg.branch_lr, weight_decay=0.0)
+        before = held_out_errors()
+        reporter = ProgressReporter(cfg.steps, progress)
+        losses: list[float] = []
+        for step in range(1, cfg.steps + 1):
+            loss, _ = errors([rng.choice(train_rows) for _ in range(cfg.batch_size)], generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            reporter.step(step, loss=float(np.mean(losses[-cfg.log_every :])))
+            if step % cfg.log_every == 0:
+                logger.info(
+                    "attribute branch step %d/%d: loss %.5f", step, cfg.steps, np.mean(losses[-cfg.log_every :])
+                )
+        reporter.close()
+        after = held_out_errors()
+    finally:
+        model.seam.remove()
+    logger.info(
+        "attribute branch: held-out error %.5f -> %.5f (the plain prompt's: %.5f)", before[0], after[0], after[1]
+    )
+    tensors = {k: v.float().cpu() for k, v in model.branches.layer_tensors().items()}
+    config = {
+        "mode": "branch",
+        "examples": len(examples),
+        "attributes": sorted(tokens),
+        "tokens_per_attribute": cfg.tokens,
+        "held_out_error": round(after[0], 6),
+        "held_out_error_untrained": round(before[0], 6),
+        "held_out_error_plain_prompt": round(after[1], 6),
         "training": config_to_dict(cfg),
     }
     return AdapterFile(tensors, _metadata(base, config))
@@ -791,8 +973,10 @@ def train_population(
     image_features: ImageFeatures | None = None,
     device: str | torch.device | None = None,
     progress: Sequence[Callable[[ProgressEvent], None]] = (),
+    attribute_reader: AttributeReader | None = None,
 ) -> AdapterFile:
-    """PPD: train the shared branch projections and the user encoder over the pairs of many users at once."""
+    """PPD: train the shared branch projections and the user encoder over the pairs of many users at once (or, with
+    ``population_encoder`` ``attributes``, fit the population's attribute utilities; see `_attribute_population`)."""
     # 1. Group the pairs by user; each user needs context pairs for the encoder and target pairs for the loss.
     by_user: dict[str, list[int]] = {}
     for index, pair in enumerate(pairs):
@@ -803,6 +987,9 @@ def train_population(
         raise InvalidInputError(
             f"expected at least 2 users with {minimum} or more pairs for population mode, found {len(usable)}"
         )
+    if cfg.population_encoder == "attributes":
+        reader = attribute_reader or attribute_reader_from_spec(cfg.init_reader)
+        return _attribute_population(cfg, pairs, base, {user: usable[user] for user in sorted(usable)}, reader)
     features = image_features or image_features_from_spec(cfg.image_encoder)
 
     # 2. Model, data and features.
@@ -868,12 +1055,85 @@ def train_population(
     return AdapterFile(tensors, _metadata(base, config))
 
 
+UTILITIES_KEY = "preference.population.utilities"
+PHRASES_KEY = "preference.population.phrases"
+
+
+@torch.no_grad()
+def _attribute_population(
+    cfg: PreferenceConfig,
+    pairs: Sequence[PreferencePair],
+    base: Any,
+    users: dict[str, list[int]],
+    reader: AttributeReader,
+) -> AdapterFile:
+    """The population as data: each training user's Bradley-Terry utilities over the candidates (from all their
+    pairs), the candidates' tokens, and the attribute branch's projections. No diffusion step: what the U-Net needs
+    to draw an attribute is in the branch, and what a user likes is in the utilities."""
+    candidates = _candidates(cfg)
+    branch = load_branch(cfg.branch)
+    differences = _presence_differences(pairs, reader, candidates)
+    utilities = torch.stack([fit_attribute_utilities(differences[rows], cfg.init_l2) for rows in users.values()])
+    device = _device(None)
+    phrases = torch.stack([phrase_tokens(base.pipeline, c, cfg.tokens, device).cpu() for c in candidates])
+    tensors = {k: v for k, v in branch.tensors.items() if k.startswith(LAYER_PREFIX)}
+    tensors.update({UTILITIES_KEY: utilities, PHRASES_KEY: phrases})
+    config = {
+        "mode": "population",
+        "encoder": "attributes",
+        "attribute_reader": reader.name,
+        "candidates": candidates,
+        "tokens": cfg.tokens,
+        "users": len(users),
+        "pairs": len(pairs),
+        "init_margin": cfg.init_margin,
+        "init_top": cfg.init_top,
+        "training": config_to_dict(cfg),
+    }
+    logger.info("attribute population: %d users over %d candidates", len(users), len(candidates))
+    return AdapterFile(tensors, _metadata(base, config))
+
+
+def _embed_by_attributes(
+    population: AdapterFile, pairs: Sequence[PreferencePair], reader: AttributeReader | None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A new user's tokens from an ``attributes`` population: the population users weighed by how well their
+    utilities explain the new picks (Bradley-Terry likelihood, uniform prior), then `liked_attributes` of the
+    expected utilities."""
+    config = population.metadata.config
+    reader = reader or attribute_reader_from_spec(str(config["attribute_reader"]))
+    if reader.name != config["attribute_reader"]:
+        raise InvalidInputError(
+            f"the population model reads attributes through {config['attribute_reader']!r}, found {reader.name!r}"
+        )
+    candidates = [str(c) for c in config["candidates"]]
+    utilities = population.tensors[UTILITIES_KEY].float()
+    differences = _presence_differences(pairs, reader, candidates)
+    log_likelihood = F.logsigmoid(differences @ utilities.T).sum(0)
+    weights = torch.softmax(log_likelihood, dim=0)
+    chosen = liked_attributes(candidates, weights @ utilities, float(config["init_margin"]), int(config["init_top"]))
+    phrases = population.tensors[PHRASES_KEY]
+    tokens_per_attribute = int(config["tokens"])
+    if not chosen:
+        return torch.zeros(tokens_per_attribute, phrases.shape[-1]), {"initial_attributes": []}
+    tokens = torch.cat([phrases[candidates.index(c)] for c in chosen])
+    groups = {
+        "attribute_groups": chosen,
+        "attribute_nouns": attribute_nouns(candidates),
+        "tokens_per_attribute": tokens_per_attribute,
+        "initial_attributes": chosen,
+        "population_users_weighed": round(float(1.0 / (weights**2).sum()), 2),
+    }
+    return tokens, groups
+
+
 def embed_user(
     population: AdapterFile,
     pairs: Sequence[PreferencePair],
     *,
     user_id: str | None = None,
     image_features: ImageFeatures | None = None,
+    attribute_reader: AttributeReader | None = None,
 ) -> AdapterFile:
     """A new user's ``user`` adapter from a few of their pairs and a population model, without training."""
     config = population.metadata.config
@@ -884,23 +1144,27 @@ def embed_user(
         )
     if not pairs:
         raise InvalidInputError("expected at least one preference pair of the new user, found none")
-    features = image_features or image_features_from_spec(str(config["image_encoder"]))
-    if features.name != config["image_encoder"] or features.dim != int(config["feature_dim"]):
-        raise InvalidInputError(
-            f"the population model reads images through {config['image_encoder']!r} ({config['feature_dim']} "
-            f"features), found {features.name!r} ({features.dim})"
-        )
-    encoder_state = {
-        key.removeprefix(ENCODER_PREFIX): value
-        for key, value in population.tensors.items()
-        if key.startswith(ENCODER_PREFIX)
-    }
-    width = int(population.tensors[f"{LAYER_PREFIX}0.to_k.weight"].shape[1])
-    encoder = UserEncoder(features.dim, int(config["hidden"]), int(config["tokens"]), width)
-    encoder.load_state_dict(encoder_state)
-    preferred, other = _features_by_image(pairs, features)
-    with torch.no_grad():
-        tokens = encoder.eval()(preferred.unsqueeze(0), other.unsqueeze(0))[0]
+    extra: dict[str, Any] = {}
+    if config.get("encoder") == "attributes":
+        tokens, extra = _embed_by_attributes(population, pairs, attribute_reader)
+    else:
+        features = image_features or image_features_from_spec(str(config["image_encoder"]))
+        if features.name != config["image_encoder"] or features.dim != int(config["feature_dim"]):
+            raise InvalidInputError(
+                f"the population model reads images through {config['image_encoder']!r} ({config['feature_dim']} "
+                f"features), found {features.name!r} ({features.dim})"
+            )
+        encoder_state = {
+            key.removeprefix(ENCODER_PREFIX): value
+            for key, value in population.tensors.items()
+            if key.startswith(ENCODER_PREFIX)
+        }
+        width = int(population.tensors[f"{LAYER_PREFIX}0.to_k.weight"].shape[1])
+        encoder = UserEncoder(features.dim, int(config["hidden"]), int(config["tokens"]), width)
+        encoder.load_state_dict(encoder_state)
+        preferred, other = _features_by_image(pairs, features)
+        with torch.no_grad():
+            tokens = encoder.eval()(preferred.unsqueeze(0), other.unsqueeze(0))[0]
     user_id = user_id or pairs[0].user_id
     tensors = {key: value for key, value in population.tensors.items() if key.startswith(LAYER_PREFIX)}
     tensors[TOKENS_KEY] = tokens
@@ -908,10 +1172,11 @@ def embed_user(
     user_config = {
         "mode": "user",
         "user_id": user_id,
-        "tokens": int(config["tokens"]),
+        "tokens": int(tokens.shape[0]),
         "beta": config.get("beta"),
         "pairs": len(pairs),
         "population_model": meta.name,
+        **extra,
         "training": config.get("training", {}),
     }
     return AdapterFile(

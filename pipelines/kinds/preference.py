@@ -58,7 +58,7 @@ KIND = "preference"
 TOKENS_KEY = "preference.tokens"
 LAYER_PREFIX = "preference.layers."
 ENCODER_PREFIX = "preference.encoder."
-MODES = ("user", "population", "attributes")
+MODES = ("user", "population", "attributes", "branch")
 DEFAULT_ATTRIBUTE_SCALE = 0.85
 
 
@@ -452,6 +452,11 @@ class PreferenceKind:
             raise InvalidInputError(
                 f"preference '{self.name}' is a population model; embed a user from their pairs first "
                 "(trainers.preference.embed_user or `studio train preference --set mode=embed`)"
+            )
+        if self.mode == "branch":
+            raise InvalidInputError(
+                f"preference '{self.name}' is an attribute branch; train a user on it first "
+                "(`studio train preference --set branch=FILE ...`)"
             )
         if self.mode == "attributes":
             return self._attribute_state(request, float(options.get("attribute_scale", self.attribute_scale)))
