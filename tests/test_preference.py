@@ -423,3 +423,13 @@ def test_population_training_and_a_new_users_embedding():
         embed_user(model, pairs_of("carol", 4), image_features=OtherFeatures(JudgeNet()))
     with pytest.raises(NotAvailableError, match="CLIP vision model"):
         ClipVisionFeatures(None)
+
+
+def test_the_cli_says_a_branch_is_not_trained_from_pairs(tmp_path):
+    from argparse import Namespace
+
+    from trainers.preference import train_from_cli
+
+    args = Namespace(resume=None, pairs=str(tmp_path / "picks.jsonl"), config=None, set=["mode=branch"], name="b")
+    with pytest.raises(NotAvailableError, match="not available yet"):
+        train_from_cli(args, home=None)

@@ -1,6 +1,6 @@
 """Preference training: learn a user's taste from their A/B picks with the Diffusion-DPO loss.
 
-Two modes (``PreferenceConfig.mode``):
+Modes (``PreferenceConfig.mode``):
 
 - ``user``: one user's pairs (4 to a few hundred) train that user's embedding, a few tokens of the U-Net's
   cross-attention width that every cross-attention layer reads through a decoupled key/value branch
@@ -8,7 +8,12 @@ Two modes (``PreferenceConfig.mode``):
 - ``population`` (PPD): pairs of many users train the shared branch projections and an encoder that maps a set of a
   user's pairs (image features of the preferred and the other image, from a pluggable `ImageFeatures`) to that
   user's tokens. A new user then needs no training: `embed_user` (``mode = "embed"`` on the CLI) turns 4 of their
-  pairs into a ``user`` adapter.
+  pairs into a ``user`` adapter. With ``population_encoder = "attributes"`` the population is each training user's
+  Bradley-Terry utilities over candidate attributes, and a new user's picks weigh them by Bayes' rule.
+- ``branch``: the decoupled projections, trained once per base model by distillation (`train_attribute_branch`) so
+  that an attribute's tokens ("red", "black background") act on the image as its words in the prompt would. Copies of
+  the text projections (the default) spread a phrase over the whole picture; user adapters that start from
+  attributes (``init_attributes`` with ``init_reader``, the attributes read in the pair images) should use one.
 
 The loss (Wallace et al., Diffusion-DPO): for each pair, one timestep and one noise shared by the two images; the
 reference is the same U-Net with the branch off, so the user embedding learns only what moves the model away from
@@ -1207,6 +1212,11 @@ def train_from_cli(args: Any, home: Any) -> int:
     if not args.pairs:
         raise InvalidInputError("expected --pairs FILE_OR_DIR (Pick-a-Pic .parquet/.jsonl or a preferences folder)")
     cfg = load_config(PreferenceConfig, toml_path=args.config, overrides=args.set)
+    if cfg.mode == "branch":
+        raise NotAvailableError(
+            "training an attribute branch from the CLI is not available yet: it learns from attribute examples, not "
+            "pairs (on tiny, `python bench/eval_preference.py --branch FILE` trains one)"
+        )
     home.ensure()
     library = AdapterLibrary(home)
     name = sanitize_name(args.name)
