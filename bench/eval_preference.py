@@ -35,6 +35,25 @@ comparisons because the base already draws what they like. User mode with ``--in
 token_norm=1`` (norm-matched tokens from the attribute start) scored 0.521 and -11.5 compliance points held-out:
 the tokens change the images decisively, but the start picks attributes that are often wrong for the user.
 
+``posterior`` mode is a second ceiling: what ``--pairs`` picks can tell, at best. It is handed the form of the users'
+taste and their prior (`TastePosterior`: Bayes' rule over 20,000 `random_user` draws from seeds no evaluation uses),
+weighs them by the picks, and writes the expected taste into the prompt like the oracle. Held-out users: 16 picks
+0.781 [0.737, 0.820] (+4.7 points); 4 picks 0.724 [0.677, 0.766] (+1.8 points).
+
+The realisation matters as much as the inference. Tokens read through copies of the text projections (the default
+branch) spread an attribute over the whole picture: the attributes read from the picks won 0.479 and 0.542 through
+them at strength 1 on dev users 100-101, with compliance down to 0.542 and 0.417. ``--branch FILE`` first trains an
+attribute branch (`attribute_examples`, `trainers.preference.train_attribute_branch`; 800 steps: held-out
+distillation error 0.00426 untrained, 0.00060 trained, 0.00163 for the plain prompt). The posterior's attributes
+through a branch trained this way (300 steps) won 0.854, 0.896, 0.750, 0.646, 0.708 on dev users 100-104, with
+compliance up for each. User mode with the attributes read in the pair images, on the 800-step branch (``--init
+--branch FILE --set init_reader=judge --set init_top=3 --set steps=1 --set lr=1e-9``: the start, no DPO), won 0.734
+[0.688, 0.776] with +10.4 compliance points on the held-out users (run once). DPO from that start (``steps=100``)
+lowered dev users 100-102 from 0.667, 0.667, 0.750 to 0.562, 0.562, 0.625. Population mode with the
+``attributes`` encoder over 400 training users (``--mode population --train-users 400 --init --branch FILE --set
+init_reader=judge --set init_top=3 --set population_encoder=attributes``) won 0.625 [0.576, 0.672] with +6.5 points
+held-out (run once); the network encoder won 0.508.
+
 Prints per-user lines and the pooled win rate with its 95% Wilson interval. Targets (issue 8): user mode >= 76%,
 population mode >= 70%, compliance drop <= 5 points.
 
