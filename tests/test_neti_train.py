@@ -197,3 +197,87 @@ def test_context_regularisation_joins_the_one_batched_text_encoder_call(images, 
 def test_context_weight_cannot_be_negative():
     with pytest.raises(InvalidInputError, match="context_weight"):
         _config("context_weight=-1")
+
+
+def test_context_dial_weights_fall_from_one_at_truncation_zero_to_none_at_full():
+    from trainers.neti import context_dial_weights
+
+    truncations = torch.tensor([0, 32, 64, 128])
+    assert context_dial_weights(truncations, 128, 1.0).tolist() == [1.0, 0.75, 0.5, 0.0]
+    assert context_dial_weights(truncations, 128, 2.0).tolist() == [1.0, 0.5625, 0.25, 0.0]
+
+
+def test_context_loss_per_row_gives_each_row_its_own_mean():
+    from trainers.neti import context_preservation_loss
+
+    torch.manual_seed(0)
+    target = torch.randn(10, 4)
+    slots = torch.zeros(10, dtype=torch.bool)
+    slots[2] = True
+    states = torch.randn(3, 10, 4)
+    states[:, 3:] = target[3:]
+    states[1, 5] = -target[5]  # cosine -1 at one of row 1's 7 compared positions
+    per_row = context_preservation_loss(states, slots, target, word_length=1, per_row=True)
+    assert per_row.shape == (3,)
+    assert torch.allclose(per_row, torch.tensor([0.0, 2.0 / 7, 0.0]), atol=1e-6)
+
+
+def test_fixed_row_truncations_override_nested_dropout_in_training_only():
+    pipe = build_tiny_sd1_pipeline()
+    mapper = build_mapper(_config(), pipe, SD1, len(SD1.cross_attention_layers(pipe.unet))).train()
+    h = torch.ones(3, mapper.spec.hidden_width)
+    kept = mapper.nested_dropout(h, None, p=0.0, rows=torch.tensor([-1, 3, 0]))
+    assert kept[0].sum() == mapper.spec.hidden_width, "a row marked -1 takes nested dropout's draw (none at p=0)"
+    assert kept[1].tolist() == [1.0] * 3 + [0.0] * (mapper.spec.hidden_width - 3)
+    assert kept[2].sum() == 0
+    assert torch.equal(mapper.eval().nested_dropout(h, None, p=0.0, rows=torch.tensor([0, 0, 0])), h)
+
+
+def test_context_dial_truncates_the_context_rows_in_the_one_batched_call(images, monkeypatch):
+    """The context prompt's rows carry the truncations their loss weights refer to; the training rows do not."""
+    from trainers.neti import NetiMapper
+
+    pipe = build_tiny_sd1_pipeline()
+    base = BaseModel.from_pipeline(pipe, "tiny-random")
+    n_layers = len(base.family.cross_attention_layers(pipe.unet))
+    rows = _count_text_encoder_rows(monkeypatch)
+    given: list[torch.Tensor] = []
+    dropout = NetiMapper.nested_dropout
+
+    def spy(self, h, truncation, p, rows=None):  # noqa: ANN001, ANN202
+        given.append(rows)
+        return dropout(self, h, truncation, p, rows)
+
+    monkeypatch.setattr(NetiMapper, "nested_dropout", spy)
+    history = LossHistory()
+    config = _config("steps=2", "batch_size=2", "context_weight=1", "context_dial=1", "nested_dropout=0")
+    train_neti(config, base, images, callbacks=[history])
+    assert rows == [3 * n_layers, 3 * n_layers], "2 training prompts and 1 context prompt, every layer, one call"
+    for truncations in given:
+        assert truncations.shape == (3 * n_layers,)
+        assert bool((truncations[: 2 * n_layers] == -1).all()), "training rows: nested dropout's own draw"
+        assert bool(((truncations[2 * n_layers :] >= 0) & (truncations[2 * n_layers :] < 128)).all())
+    assert all(torch.isfinite(torch.tensor(history.losses)))
+
+
+def test_nested_dropout_per_prompt_truncates_all_layers_of_a_prompt_alike(images, monkeypatch):
+    """As at generation, where one truncation applies to every layer, each prompt's layer rows share one draw."""
+    from trainers.neti import NetiMapper
+
+    pipe = build_tiny_sd1_pipeline()
+    base = BaseModel.from_pipeline(pipe, "tiny-random")
+    n_layers = len(base.family.cross_attention_layers(pipe.unet))
+    given: list[torch.Tensor] = []
+    dropout = NetiMapper.nested_dropout
+
+    def spy(self, h, truncation, p, rows=None):  # noqa: ANN001, ANN202
+        given.append(rows)
+        return dropout(self, h, truncation, p, rows)
+
+    monkeypatch.setattr(NetiMapper, "nested_dropout", spy)
+    config = _config("steps=3", "batch_size=2", "nested_dropout=1", "nested_dropout_per_prompt=true")
+    train_neti(config, base, images)
+    assert len(given) == 3
+    for truncations in given:
+        per_prompt = truncations.view(2, n_layers)
+        assert bool((per_prompt == per_prompt[:, :1]).all()) and bool((per_prompt >= 0).all())
