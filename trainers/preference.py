@@ -56,6 +56,7 @@ from pipelines.kinds.preference import (
 from studio.adapter_files import AdapterFile, AdapterMetadata
 from studio.errors import InvalidInputError, NotAvailableError
 from studio.preferences import PreferencePair
+from trainers.core.caching import encode_latents
 from trainers.core.config import config_to_dict, expect_in_range, expect_non_negative, expect_positive
 from trainers.core.noise import sample_noise, sample_timesteps, training_target
 from trainers.core.progress import ProgressEvent, ProgressReporter
@@ -378,8 +379,6 @@ def _to_pixels(image: Image.Image, size: int) -> torch.Tensor:
 @torch.no_grad()
 def encode_pairs(pipeline: Any, pairs: Sequence[PreferencePair], size: int, device: torch.device) -> PairTensors:
     """VAE latents of every image (each distinct image object once) and text states of every distinct prompt."""
-    from trainers.core.caching import encode_latents
-
     latents: dict[int, torch.Tensor] = {}
     images = {id(image): image for pair in pairs for image in (pair.preferred, pair.other)}
     keys = list(images)
@@ -875,8 +874,6 @@ def train_attribute_branch(
         # 1. Data: latents of the images, text states of both prompts, tokens of each attribute (all encoded once).
         size = int(model.unet.config.sample_size) * int(pipeline.vae_scale_factor)
         with torch.no_grad():
-            from trainers.core.caching import encode_latents
-
             pixels = torch.stack([_to_pixels(e.image, size) for e in examples])
             latents = torch.cat(
                 [
@@ -894,7 +891,7 @@ def train_attribute_branch(
                 states.update(zip(chunk, encoded.float(), strict=True))
             tokens = {a: phrase_tokens(pipeline, a, cfg.tokens, model.device) for a in {e.attribute for e in examples}}
         held_out = list(range(len(examples) - max(1, len(examples) // 16), len(examples)))
-        train_rows = [i for i in range(len(examples)) if i not in set(held_out)]
+        train_rows = list(range(held_out[0]))
 
         def errors(rows: Sequence[int], noise_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             """Distillation error with the branch, and the plain prompt's error against the same teacher."""
