@@ -49,6 +49,21 @@ def _count_text_encoder_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return rows
 
 
+def _spy_row_truncations(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The ``rows`` truncations each `NetiMapper.nested_dropout` call is given, appended as training runs."""
+    from trainers.neti import NetiMapper
+
+    given: list[torch.Tensor] = []
+    dropout = NetiMapper.nested_dropout
+
+    def spy(self, h, truncation, p, rows=None):  # noqa: ANN001, ANN202
+        given.append(rows)
+        return dropout(self, h, truncation, p, rows)
+
+    monkeypatch.setattr(NetiMapper, "nested_dropout", spy)
+    return given
+
+
 @torch.no_grad()
 def _frozen_digest(pipe) -> float:  # noqa: ANN001
     return float(
@@ -235,20 +250,11 @@ def test_fixed_row_truncations_override_nested_dropout_in_training_only():
 
 def test_context_dial_truncates_the_context_rows_in_the_one_batched_call(images, monkeypatch):
     """The context prompt's rows carry the truncations their loss weights refer to; the training rows do not."""
-    from trainers.neti import NetiMapper
-
     pipe = build_tiny_sd1_pipeline()
     base = BaseModel.from_pipeline(pipe, "tiny-random")
     n_layers = len(base.family.cross_attention_layers(pipe.unet))
     rows = _count_text_encoder_rows(monkeypatch)
-    given: list[torch.Tensor] = []
-    dropout = NetiMapper.nested_dropout
-
-    def spy(self, h, truncation, p, rows=None):  # noqa: ANN001, ANN202
-        given.append(rows)
-        return dropout(self, h, truncation, p, rows)
-
-    monkeypatch.setattr(NetiMapper, "nested_dropout", spy)
+    given = _spy_row_truncations(monkeypatch)
     history = LossHistory()
     config = _config("steps=2", "batch_size=2", "context_weight=1", "context_dial=1", "nested_dropout=0")
     train_neti(config, base, images, callbacks=[history])
@@ -262,19 +268,10 @@ def test_context_dial_truncates_the_context_rows_in_the_one_batched_call(images,
 
 def test_nested_dropout_per_prompt_truncates_all_layers_of_a_prompt_alike(images, monkeypatch):
     """As at generation, where one truncation applies to every layer, each prompt's layer rows share one draw."""
-    from trainers.neti import NetiMapper
-
     pipe = build_tiny_sd1_pipeline()
     base = BaseModel.from_pipeline(pipe, "tiny-random")
     n_layers = len(base.family.cross_attention_layers(pipe.unet))
-    given: list[torch.Tensor] = []
-    dropout = NetiMapper.nested_dropout
-
-    def spy(self, h, truncation, p, rows=None):  # noqa: ANN001, ANN202
-        given.append(rows)
-        return dropout(self, h, truncation, p, rows)
-
-    monkeypatch.setattr(NetiMapper, "nested_dropout", spy)
+    given = _spy_row_truncations(monkeypatch)
     config = _config("steps=3", "batch_size=2", "nested_dropout=1", "nested_dropout_per_prompt=true")
     train_neti(config, base, images)
     assert len(given) == 3
