@@ -377,24 +377,35 @@ def _to_pixels(image: Image.Image, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_pairs(pipeline: Any, pairs: Sequence[PreferencePair], size: int, device: torch.device) -> PairTensors:
-    """VAE latents of every image (each distinct image object once) and text states of every distinct prompt."""
-    latents: dict[int, torch.Tensor] = {}
-    images = {id(image): image for pair in pairs for image in (pair.preferred, pair.other)}
-    keys = list(images)
-    for start in range(0, len(keys), 32):
-        chunk = keys[start : start + 32]
-        pixels = torch.stack([_to_pixels(images[k], size) for k in chunk]).to(device)
-        for key, latent in zip(chunk, encode_latents(pipeline.vae, pixels).float().cpu(), strict=True):
-            latents[key] = latent
-    prompts = list(dict.fromkeys(pair.prompt for pair in pairs))
-    states = {}
-    for start in range(0, len(prompts), 64):
-        chunk = prompts[start : start + 64]
+def _image_latents(pipeline: Any, images: Sequence[Image.Image], size: int, device: torch.device) -> torch.Tensor:
+    """``[len(images), ...]`` VAE latents (float32, on the CPU), 32 images per VAE call."""
+    chunks = []
+    for start in range(0, len(images), 32):
+        pixels = torch.stack([_to_pixels(image, size) for image in images[start : start + 32]]).to(device)
+        chunks.append(encode_latents(pipeline.vae, pixels).float().cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def _prompt_states(pipeline: Any, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Text states of each distinct prompt (float32, on the CPU), 64 prompts per text-encoder call."""
+    distinct = list(dict.fromkeys(prompts))
+    states: dict[str, torch.Tensor] = {}
+    for start in range(0, len(distinct), 64):
+        chunk = distinct[start : start + 64]
         encoded = pipeline.encode_prompt(
             prompt=chunk, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )[0]
         states.update(zip(chunk, encoded.float().cpu(), strict=True))
+    return states
+
+
+@torch.no_grad()
+def encode_pairs(pipeline: Any, pairs: Sequence[PreferencePair], size: int, device: torch.device) -> PairTensors:
+    """VAE latents of every image (each distinct image object once) and text states of every distinct prompt."""
+    images = {id(image): image for pair in pairs for image in (pair.preferred, pair.other)}
+    latents = dict(zip(images, _image_latents(pipeline, list(images.values()), size, device), strict=True))
+    states = _prompt_states(pipeline, [pair.prompt for pair in pairs], device)
     empty = pipeline.encode_prompt(prompt="", device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     return PairTensors(
         preferred=torch.stack([latents[id(p.preferred)] for p in pairs]),
@@ -873,23 +884,10 @@ def train_attribute_branch(
     try:
         # 1. Data: latents of the images, text states of both prompts, tokens of each attribute (all encoded once).
         size = int(model.unet.config.sample_size) * int(pipeline.vae_scale_factor)
-        with torch.no_grad():
-            pixels = torch.stack([_to_pixels(e.image, size) for e in examples])
-            latents = torch.cat(
-                [
-                    encode_latents(pipeline.vae, pixels[i : i + 32].to(model.device)).float()
-                    for i in range(0, len(pixels), 32)
-                ]
-            )
-            prompts = list(dict.fromkeys(text for e in examples for text in (e.prompt, e.expanded)))
-            states: dict[str, torch.Tensor] = {}
-            for start in range(0, len(prompts), 64):
-                chunk = prompts[start : start + 64]
-                encoded = pipeline.encode_prompt(
-                    prompt=chunk, device=model.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-                )[0]
-                states.update(zip(chunk, encoded.float(), strict=True))
-            tokens = {a: phrase_tokens(pipeline, a, cfg.tokens, model.device) for a in {e.attribute for e in examples}}
+        latents = _image_latents(pipeline, [e.image for e in examples], size, model.device).to(model.device)
+        texts = [text for e in examples for text in (e.prompt, e.expanded)]
+        states = {text: state.to(model.device) for text, state in _prompt_states(pipeline, texts, model.device).items()}
+        tokens = {a: phrase_tokens(pipeline, a, cfg.tokens, model.device) for a in {e.attribute for e in examples}}
         held_out = list(range(len(examples) - max(1, len(examples) // 16), len(examples)))
         train_rows = list(range(held_out[0]))
 
