@@ -48,7 +48,8 @@ distillation error 0.00426 untrained, 0.00060 trained, 0.00163 for the plain pro
 through a branch trained this way (300 steps) won 0.854, 0.896, 0.750, 0.646, 0.708 on dev users 100-104, with
 compliance up for each. User mode with the attributes read in the pair images, on the 800-step branch (``--init
 --branch FILE --set init_reader=judge --set init_top=3 --set steps=1 --set lr=1e-9``: the start, no DPO), won 0.734
-[0.688, 0.776] with +10.4 compliance points on the held-out users (run once). DPO from that start (``steps=100``)
+[0.688, 0.776] with +10.4 compliance points on the held-out users (run once), and 0.693 [0.645, 0.737] with +10.9
+points on users 8401-8408, never used before (their oracle: 0.849 [0.810, 0.881]). DPO from that start (``steps=100``)
 lowered dev users 100-102 from 0.667, 0.667, 0.750 to 0.562, 0.562, 0.625. Population mode with the
 ``attributes`` encoder over 400 training users (``--mode population --train-users 400 --init --branch FILE --set
 init_reader=judge --set init_top=3 --set population_encoder=attributes``) won 0.625 [0.576, 0.672] with +6.5 points

@@ -103,8 +103,8 @@ class PreferenceConfig:
     them (`reader_start`): per slot (colour, background, size...) the best-liked attribute joins if it beats the
     slot's average by ``init_margin``. With an attribute ``branch``, the reader start alone won 0.734 [0.688,
     0.776] against the base with +10.4 compliance points on held-out simulated users (16 picks each,
-    `bench/eval_preference.py`; the default zero start with DPO: 0.542). DPO from that start lowered dev users' win
-    rates, so use ``steps=1``."""
+    `bench/eval_preference.py`; 0.693 on eight users never used before; the default zero start with DPO: 0.542).
+    DPO from that start lowered dev users' win rates, so use ``steps=1``."""
     init_l2: float = 3.0
     """With ``init_reader``: the ridge weight of the Bradley-Terry fit (16 picks name about as many attributes)."""
     init_margin: float = 0.05
