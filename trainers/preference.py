@@ -216,6 +216,17 @@ class ImageFeatures(Protocol):
         ...
 
 
+def _shipped_judge() -> Any:
+    """The shapes world's judge from its shipped weights (`studio.world.judge.Judge`)."""
+    from studio.world.judge import JUDGE_PATH, Judge
+
+    if not JUDGE_PATH.is_file():
+        raise NotAvailableError(
+            f"the judge weights are missing ({JUDGE_PATH}); train them with `python -m studio.world.judge`"
+        )
+    return Judge.load()
+
+
 class JudgeFeatures:
     """The shapes-world judge's CNN trunk (256 features): what the tiny world's users' tastes are visible in."""
 
@@ -223,15 +234,7 @@ class JudgeFeatures:
     dim = 256
 
     def __init__(self, net: nn.Module | None = None) -> None:
-        if net is None:
-            from studio.world.judge import JUDGE_PATH, Judge
-
-            if not JUDGE_PATH.is_file():
-                raise NotAvailableError(
-                    f"the judge weights are missing ({JUDGE_PATH}); train them with `python -m studio.world.judge`"
-                )
-            net = Judge.load().net
-        self.net = net.eval()
+        self.net = (net if net is not None else _shipped_judge().net).eval()
 
     @torch.no_grad()
     def features(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -293,15 +296,7 @@ class JudgeAttributes:
     name = "judge"
 
     def __init__(self, judge: Any | None = None) -> None:
-        if judge is None:
-            from studio.world.judge import JUDGE_PATH, Judge
-
-            if not JUDGE_PATH.is_file():
-                raise NotAvailableError(
-                    f"the judge weights are missing ({JUDGE_PATH}); train them with `python -m studio.world.judge`"
-                )
-            judge = Judge.load()
-        self.judge = judge
+        self.judge = judge if judge is not None else _shipped_judge()
 
     @torch.no_grad()
     def presence(self, images: Sequence[Image.Image], attributes: Sequence[str]) -> torch.Tensor:
@@ -665,14 +660,21 @@ def liked_attributes(candidates: Sequence[str], utilities: torch.Tensor, margin:
     return [candidate for _, candidate in sorted(liked, reverse=True)[:top]]
 
 
+def _per_image(
+    pairs: Sequence[PreferencePair], read: Callable[[list[Image.Image]], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``read``'s rows for each pair's preferred and other image; each distinct image object is read once."""
+    images = {id(image): image for pair in pairs for image in (pair.preferred, pair.other)}
+    table = dict(zip(images, read(list(images.values())), strict=True))
+    return torch.stack([table[id(p.preferred)] for p in pairs]), torch.stack([table[id(p.other)] for p in pairs])
+
+
 def _presence_differences(
     pairs: Sequence[PreferencePair], reader: AttributeReader, candidates: Sequence[str]
 ) -> torch.Tensor:
     """``[len(pairs), len(candidates)]``: the preferred image's presence minus the other's (each image read once)."""
-    images = {id(image): image for pair in pairs for image in (pair.preferred, pair.other)}
-    keys = list(images)
-    table = dict(zip(keys, reader.presence([images[k] for k in keys], candidates).float(), strict=True))
-    return torch.stack([table[id(p.preferred)] - table[id(p.other)] for p in pairs])
+    preferred, other = _per_image(pairs, lambda images: reader.presence(images, candidates).float())
+    return preferred - other
 
 
 @torch.no_grad()
@@ -959,13 +961,7 @@ def train_attribute_branch(
 
 
 def _features_by_image(pairs: Sequence[PreferencePair], encoder: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-    images = {id(image): image for pair in pairs for image in (pair.preferred, pair.other)}
-    keys = list(images)
-    table = dict(zip(keys, encoder.features([images[k] for k in keys]), strict=True))
-    return (
-        torch.stack([table[id(p.preferred)] for p in pairs]),
-        torch.stack([table[id(p.other)] for p in pairs]),
-    )
+    return _per_image(pairs, encoder.features)
 
 
 def train_population(
