@@ -250,9 +250,9 @@ def test_second_identical_request_hits_the_cache(service):
         rows.clear()
         assert np.array_equal(_image(service, "toy", prompt=prompt), first)
         assert all(n == 1 for n in rows), "only the pipeline's own prompt encoding runs again"
-        # Another scheduler and step count: computed on first use, in one batch again.
+        # Another scheduler and step count: computed on first use, in one batch again (every timestep: exact mode).
         rows.clear()
-        service.generate(_request("toy", prompt=prompt, scheduler="euler", steps=4))
+        service.generate(_request("toy:time_anchors=0", prompt=prompt, scheduler="euler", steps=4))
         assert [n for n in rows if n > 1] == [4 * len(service.layer_names)]
     finally:
         hook.remove()

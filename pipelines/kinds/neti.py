@@ -2,23 +2,40 @@
 
 How a request with a NeTI concept runs (see `trainers.neti` for the mapper itself):
 
-1. `NetiKind.prepare` reads the request's ``truncation`` option (``name:truncation=64``; default the full 128) and
-   returns a `NetiState` for the prompt, unless the prompt does not mention the placeholder (then nothing changes).
+1. `NetiKind.prepare` reads the request's options (``name:truncation=64,time_anchors=3``; defaults: the full 128
+   and `DEFAULT_TIME_ANCHORS`) and returns a `NetiState` for the prompt, unless the prompt does not mention the
+   placeholder (then nothing changes).
 2. On the first cross-attention call of the first U-Net call, the scheduler has set its timestep grid. The state
-   then evaluates the mapper for every ``(t, layer)`` of that grid in ONE batched call and runs each text encoder
-   ONCE on the whole batch of distinct conditionings (steps x layers prompts). A timestep outside the grid (a
-   scheduler that calls the U-Net in between) is computed the same way, for its layers only, when first seen.
+   picks ``time_anchors`` anchor timesteps of that grid (spread evenly over it by index, both ends included; all of
+   them when ``time_anchors`` is 0 or at least the grid's length), evaluates the mapper for every ``(anchor, layer)``
+   in ONE batched call and runs each text encoder ONCE on that batch (anchors x layers prompts).
 3. Each `ConditionedAttnProcessor` then asks for its layer's states at the current timestep: keys from the plain
-   states, values from the bypassed states, in the positive rows only. With classifier-free guidance the pipeline
+   states, values from the bypassed states, in the positive rows only. At an anchor these are the exact encodings;
+   at a timestep between anchors they are an affine blend of the layer's anchor states (weights summing to 1, see
+   `NetiState.blend_weights`). A timestep outside the anchors' range (or any timestep in exact mode that is not in
+   the grid) is encoded exactly, for its layers only, when first seen. With classifier-free guidance the pipeline
    batches ``[negative; positive]``; the negative rows keep the pipeline's own negative-prompt states.
 
-Results are cached per adapter by (prompt, truncation, text-encoder state) and hold every timestep computed so far,
-so a repeated request (same prompt, concept, truncation, timestep grid) calls neither the mapper nor the text
-encoder. The text-encoder state covers what else can change the text encoder's output for the same prompt: the
-embedding rows of any textual-inversion tokens in it and the active text-encoder LoRAs and their scales. LoRAs on the
-U-Net and textual-inversion tokens compose without special handling: the processors use the (LoRA-wrapped)
-projections and the prompt's TI tokens are encoded with their rows. The cache is bounded by bytes (`CACHE_BYTES`),
-least recently used entries first.
+Why anchors: the text encoder is causal, so the steps x layers rows differ from the placeholder on and cost a full
+encoding each (20 steps x 7 layers on ``tiny``: 1.5x the base generation); 3 anchors x 7 layers cost about 1.09x.
+Why blend by the mapper and not linearly in t: a trained mapper is NOT smooth on a sampling grid (sigma_t = 0.03
+gives Fourier periods down to ~60 timesteps; its output moves ~10% between two steps of a 20-step grid, in no
+consistent direction), so linear interpolation in t errs by about as much as the states vary. The mapper itself is
+cheap, so its exact outputs at every (t, layer) are known: the blend weights are those whose affine combination of the
+anchors' mapper outputs best matches the mapper output at t (least squares), and the same combination of the anchors'
+states stands in for the encoder's output. On a trained ``tiny`` concept that halves the states' error at 5 anchors;
+numbers and the image differences per K are in `bench/bench_neti.py`.
+
+Results are cached per adapter by (prompt, truncation, text-encoder state) and hold the EXACT states of every timestep
+encoded so far; blended states are derived per request and never cached, so the cache does not depend on
+``time_anchors`` (a request with other anchors reuses the anchors it shares and encodes only the missing ones) and an
+image never depends on what earlier requests left in the cache. A repeated request (same prompt, concept, truncation,
+timestep grid, anchors) runs neither the text encoder nor the mapper (the blend weights are kept per grid). The
+text-encoder state covers what else can change the text encoder's output for the same prompt: the embedding rows of any
+textual-inversion tokens in it and the active text-encoder LoRAs and their scales. LoRAs on the U-Net and
+textual-inversion tokens compose without special handling: the processors use the (LoRA-wrapped) projections and the
+prompt's TI tokens are encoded with their rows. The cache is bounded by bytes (`CACHE_BYTES`), least recently used
+entries first.
 """
 
 from __future__ import annotations
@@ -47,10 +64,30 @@ from trainers.neti import ConditioningEncoder, NetiMapper, mapper_from_adapter
 logger = logging.getLogger(__name__)
 
 KIND = "neti"
-OPTIONS = ("truncation",)
+OPTIONS = ("truncation", "time_anchors")
+DEFAULT_TIME_ANCHORS = 3
+"""Timesteps per layer encoded exactly for a new prompt (the rest blended from them); 0 = every timestep. Chosen on
+``tiny`` (`bench/bench_neti.py`): 3 is the most that keeps a new prompt within 1.10x of the base generation there.
+Not the mapper's own ``MapperSpec.time_anchors`` (the timesteps its first layer is initialised at)."""
+BLEND_CACHE_SIZE = 16
+"""Blend weights kept per adapter, by (blend, truncation, anchors, grid); tiny (steps x layers x anchors values)."""
 CACHE_BYTES = 1024**3
 """Budget of the per-adapter cache; an entry holds steps x layers x 77 x width values (SD1.5, 50 steps: 95 MB in fp16;
 SDXL's 70 layers at 2048 wide: 1.1 GB, so one entry at a time)."""
+
+
+def anchor_indices(length: int, anchors: int) -> list[int]:
+    """Indices of the ``anchors`` grid positions encoded exactly: spread evenly by index, both ends included.
+
+    All of ``range(length)`` when ``anchors`` is 0 (exact) or at least ``length``.
+
+    >>> anchor_indices(20, 3)
+    [0, 10, 19]
+    """
+    if anchors == 0 or anchors >= length:
+        return list(range(length))
+    # Round half up (not Python's half-to-even) so the spread does not depend on the parity of the midpoints.
+    return [int(index * (length - 1) / (anchors - 1) + 0.5) for index in range(anchors)]
 
 
 def _timestep_key(timestep: torch.Tensor | float) -> float:
@@ -110,19 +147,26 @@ class NetiKind:
         self._lock = threading.Lock()
         self.text_encoder_calls = 0
         """Batched text-encoder passes run so far (tests and benchmarks read it)."""
+        self._blend_cache: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+        self.blend = "mapper"
+        """How a timestep between anchors combines the anchors' states: ``mapper`` (weights fitted to the mapper's
+        outputs) or ``linear`` (linear in t between the two neighbouring anchors; kept to compare, see the bench)."""
 
     @classmethod
     def from_adapter(cls, adapter: AdapterFile, base_model: Any) -> NetiKind:
         """The factory registered for ``neti`` files."""
         return cls(adapter, base_model, name=f"adapter '{adapter.metadata.name or KIND}'")
 
-    def truncation_of(self, options: dict[str, float], name: str) -> int | None:
-        """The request's truncation (``None`` = full), checked: an int in [1, hidden width]."""
+    def _check_options(self, options: dict[str, float], name: str) -> None:
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise InvalidInputError(
                 f"adapter '{name}' is a NeTI adapter with options {', '.join(OPTIONS)}; found {', '.join(unknown)}"
             )
+
+    def truncation_of(self, options: dict[str, float], name: str) -> int | None:
+        """The request's truncation (``None`` = full), checked: an int in [1, hidden width]."""
+        self._check_options(options, name)
         if "truncation" not in options:
             return None
         value, width = options["truncation"], self.spec.hidden_width
@@ -132,10 +176,23 @@ class NetiKind:
             )
         return None if int(value) == width else int(value)
 
+    def time_anchors_of(self, options: dict[str, float], name: str) -> int:
+        """The request's number of time anchors (0 = exact), checked: 0 or an int >= 2 (default
+        `DEFAULT_TIME_ANCHORS`)."""
+        self._check_options(options, name)
+        value = options.get("time_anchors", DEFAULT_TIME_ANCHORS)
+        if value != int(value) or not (value == 0 or value >= 2):
+            raise InvalidInputError(
+                f"NeTI time_anchors of adapter '{name}' expects 0 (every timestep exact) or an int >= 2 "
+                f"(both ends of the grid are anchors), got {value:g}"
+            )
+        return int(value)
+
     def prepare(self, request: ConditioningRequest) -> ConditioningState:
         """This request's state; a no-op state when the weight is 0 or the prompt lacks the placeholder."""
         ref = request.ref
         truncation = self.truncation_of(dict(ref.options), ref.name)
+        anchors = self.time_anchors_of(dict(ref.options), ref.name)
         if ref.weight == 0:
             return ConditioningState()
         if self.spec.placeholder_token not in request.prompt:
@@ -157,7 +214,7 @@ class NetiKind:
             # Least recently used first; the current entry stays even when it alone is over the budget.
             while len(self._cache) > 1 and sum(item.nbytes() for item in self._cache.values()) > CACHE_BYTES:
                 self._cache.popitem(last=False)
-        return NetiState(self, request, prompts, truncation, entry)
+        return NetiState(self, request, prompts, truncation, entry, anchors)
 
     def compute(
         self,
@@ -178,6 +235,18 @@ class NetiKind:
         self.text_encoder_calls += 1
         shape = (len(timesteps), n_layers, *plain.shape[1:])
         return plain.to(dtype).reshape(shape), bypassed.to(dtype).reshape(shape)
+
+    def mapper_features(self, timesteps: Sequence[float], truncation: int | None) -> torch.Tensor:
+        """The mapper's outputs ``[len(timesteps), L, F]`` (every encoder's embeddings then bypass vectors, flattened),
+        float64 on the CPU: what `NetiState.blend_weights` fits."""
+        n_layers = self.spec.n_layers
+        device = next(self.mapper.parameters()).device
+        times = torch.tensor(list(timesteps), dtype=torch.float32, device=device).repeat_interleave(n_layers)
+        layers = torch.arange(n_layers, dtype=torch.float32, device=device).repeat(len(timesteps))
+        with torch.no_grad():
+            outputs = self.mapper(times, layers, truncation)
+        parts = [tensor.reshape(len(times), -1) for tensor in (*outputs.embeddings, *outputs.bypass)]
+        return torch.cat(parts, dim=-1).double().cpu().reshape(len(timesteps), n_layers, -1)
 
     def _text_state(self, prompts: Any) -> str:
         """A digest of what else shapes the text encoders' output: TI rows in the prompt and text-encoder LoRAs."""
@@ -201,7 +270,7 @@ class NetiKind:
 
 
 class NetiState(ConditioningState):
-    """One request's NeTI conditioning: computed for the whole timestep grid on first use, then looked up."""
+    """One request's NeTI conditioning: the grid's anchors encoded on first use, the rest blended or looked up."""
 
     def __init__(
         self,
@@ -210,48 +279,142 @@ class NetiState(ConditioningState):
         prompts: Any,
         truncation: int | None,
         entry: _Conditionings,
+        time_anchors: int = DEFAULT_TIME_ANCHORS,
     ) -> None:
         self.kind = kind
         self.pipeline = request.pipeline
         self.prompts = prompts
         self.truncation = truncation
         self.entry = entry
+        self.time_anchors = time_anchors
         self.device = request.device
         self.dtype = request.dtype
         self.guidance = request.classifier_free_guidance
+        self.anchors: list[float] | None = None
+        """This request's anchor timesteps, ascending (set on first use; the whole grid in exact mode)."""
+        self.interpolating = False
+        self._stacked: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
+        """The anchors' plain states ``[L, K, T * D]`` and bypassed rows ``[L, K, S * D]``, float32."""
+        self._weights: dict[float, torch.Tensor] = {}
+        self._rows: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """The current U-Net call's timestep, its states and every layer's keys and values (`_all_layer_rows`)."""
 
-    def _ensure(self, timestep: float) -> None:
-        if timestep in self.entry.plain:
+    def _encode(self, timesteps: Sequence[float]) -> None:
+        """Encode (exactly) the timesteps the entry lacks, in one batch."""
+        missing = list(dict.fromkeys(t for t in timesteps if t not in self.entry.plain))
+        if not missing:
             return
-        # First use in this request: everything the scheduler will ask for, in one batch.
-        grid = getattr(self.pipeline.scheduler, "timesteps", None)
-        wanted = [_timestep_key(t) for t in grid] if grid is not None else []
-        if timestep not in wanted:
-            wanted.append(timestep)
-        missing = list(dict.fromkeys(t for t in wanted if t not in self.entry.plain))
         plain, bypassed = self.kind.compute(self.prompts, missing, self.truncation, self.device, self.dtype)
         slots = self.entry.slots.to(bypassed.device)
         for index, t in enumerate(missing):
             self.entry.plain[t] = plain[index]
             self.entry.bypass[t] = bypassed[index][:, slots].clone()
 
+    def _start(self, timestep: float) -> None:
+        """First use in this request: pick the anchors of the scheduler's grid and encode them in one batch."""
+        grid_values = getattr(self.pipeline.scheduler, "timesteps", None)
+        grid = list(dict.fromkeys(_timestep_key(t) for t in grid_values)) if grid_values is not None else []
+        chosen = [grid[index] for index in anchor_indices(len(grid), self.time_anchors)]
+        self.interpolating = len(chosen) < len(grid)
+        if timestep not in grid:
+            chosen.append(timestep)
+        self._encode(chosen)
+        self.anchors = sorted(set(chosen))
+        if self.interpolating:
+            # [L, K, rest] float32 (fp16 arithmetic is not on every CPU build): one batched matmul per timestep.
+            self._stacked = tuple(
+                torch.stack([table[t].float() for t in self.anchors], dim=1).flatten(2)
+                for table in (self.entry.plain, self.entry.bypass)
+            )
+            between = [t for t in grid if t not in self.anchors and self.anchors[0] < t < self.anchors[-1]]
+            # One mapper call and one solve for the whole grid; they do not depend on the prompt, so kept per kind.
+            key = (self.kind.blend, self.truncation, tuple(self.anchors), tuple(between))
+            with self.kind._lock:
+                weights = self.kind._blend_cache.pop(key, None)
+            if weights is None:
+                weights = self.blend_weights(between) if between else torch.empty(0)
+            with self.kind._lock:
+                self.kind._blend_cache[key] = weights
+                while len(self.kind._blend_cache) > BLEND_CACHE_SIZE:
+                    self.kind._blend_cache.popitem(last=False)
+            self._weights = dict(zip(between, weights, strict=True))
+
+    def states_at(self, timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain states ``[L, T, D]`` and the bypassed rows at the placeholder ``[L, S, D]`` for a timestep key.
+
+        Exact at an anchor or outside the anchors' range; otherwise the anchors' states blended with
+        `blend_weights`.
+        """
+        if self.anchors is None:
+            self._start(timestep)
+        anchors = self.anchors or []
+        if timestep in anchors or not self.interpolating or not anchors[0] < timestep < anchors[-1]:
+            self._encode([timestep])
+            return self.entry.plain[timestep], self.entry.bypass[timestep]
+        if timestep not in self._weights:
+            self._weights[timestep] = self.blend_weights([timestep])[0]
+        weights = self._weights[timestep].to(self._stacked[0].device, self._stacked[0].dtype)[:, None]  # [L, 1, K]
+        exact_plain, exact_bypass = self.entry.plain[anchors[0]], self.entry.bypass[anchors[0]]
+        plain, bypass = (torch.bmm(weights, stacked) for stacked in self._stacked)
+        return plain.reshape(exact_plain.shape).to(exact_plain.dtype), bypass.reshape(exact_bypass.shape).to(
+            exact_bypass.dtype
+        )
+
+    def blend_weights(self, timesteps: Sequence[float]) -> torch.Tensor:
+        """Per timestep and layer, the weights ``[len(timesteps), L, K]`` (summing to 1) of the K anchors' states.
+
+        ``mapper``: the affine combination of the layer's anchor mapper outputs m(a_k, l) closest (least squares) to
+        m(t, l), with m the mapper's embeddings and bypass vectors (`NetiKind.mapper_features`); the same
+        combination of the anchors' encoder states then stands in for the encoding at t. A mapper linear in its
+        outputs' span gets its states to first order; a mapper constant in t gets them exactly. ``linear``: the
+        linear interpolation in t between the two neighbouring anchors, the same for every layer.
+        """
+        anchors = self.anchors or []
+        count, n_layers = len(anchors), self.kind.spec.n_layers
+        if self.kind.blend == "linear":
+            weights = torch.zeros(len(timesteps), n_layers, count, dtype=torch.float64)
+            for row, t in enumerate(timesteps):
+                upper = next(index for index, anchor in enumerate(anchors) if anchor > t)
+                share = (t - anchors[upper - 1]) / (anchors[upper] - anchors[upper - 1])
+                weights[row, :, upper - 1], weights[row, :, upper] = 1 - share, share
+            return weights
+        features = self.kind.mapper_features([*anchors, *timesteps], self.truncation)
+        origin = features[0]  # [L, F]
+        directions = (features[1:count] - origin).transpose(0, 1)  # [L, K-1, F]
+        targets = (features[count:] - origin).transpose(0, 1)  # [L, M, F]
+        gram = directions @ directions.transpose(1, 2)
+        # A vanishing ridge keeps the solve defined when anchors coincide (a mapper constant in t: weights on anchor 0).
+        scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
+        ridge = 1e-9 * scale * torch.eye(count - 1, dtype=gram.dtype)
+        steps = torch.linalg.solve(gram + ridge, directions @ targets.transpose(1, 2)).permute(2, 0, 1)  # [M, L, K-1]
+        return torch.cat([1 - steps.sum(dim=-1, keepdim=True), steps], dim=-1)
+
     def key_value_states(self, call: LayerCall) -> KeyValueStates | None:
         """Plain states for the keys and bypassed states for the values of this layer and timestep."""
         if call.timestep is None:
             return None
-        timestep = _timestep_key(call.timestep)
-        self._ensure(timestep)
-        states = call.encoder_hidden_states
-        plain = self.entry.plain[timestep][call.layer_index].to(states.device, states.dtype)
+        timestep, states = _timestep_key(call.timestep), call.encoder_hidden_states
+        # Every layer of one U-Net call brings the same timestep and states object: build all layers' rows once per
+        # U-Net call (one scatter and two concatenations instead of one per layer: about 2% of a tiny generation).
+        rows = self._rows
+        if rows is None or rows[0] != timestep or rows[1] is not states:
+            rows = (timestep, states, *self._all_layer_rows(timestep, states))
+            self._rows = rows
+        return KeyValueStates(rows[2][call.layer_index], rows[3][call.layer_index])
+
+    def _all_layer_rows(self, timestep: float, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[L, B, T, D]`` of every layer for the U-Net batch ``states`` ``[B, T, D]``."""
+        all_plain, all_bypass = self.states_at(timestep)
+        plain = all_plain.to(states.device, states.dtype)
         bypassed = plain.clone()
-        bypassed[self.entry.slots.to(states.device)] = self.entry.bypass[timestep][call.layer_index].to(states.dtype)
-        batch = states.shape[0]
+        bypassed[:, self.entry.slots.to(states.device)] = all_bypass.to(states.device, states.dtype)
+        batch, n_layers = states.shape[0], plain.shape[0]
         # With guidance the negative rows come first and keep the pipeline's own states.
         negative = batch // 2 if self.guidance and batch % 2 == 0 else 0
-        positive = batch - negative
-        keys = torch.cat([states[:negative], plain.expand(positive, -1, -1)])
-        values = torch.cat([states[:negative], bypassed.expand(positive, -1, -1)])
-        return KeyValueStates(keys, values)
+        own = states[:negative].expand(n_layers, -1, -1, -1)
+        keys = torch.cat([own, plain[:, None].expand(-1, batch - negative, -1, -1)], dim=1)
+        values = torch.cat([own, bypassed[:, None].expand(-1, batch - negative, -1, -1)], dim=1)
+        return keys, values
 
 
 register_kind(KIND, NetiKind.from_adapter)
