@@ -55,8 +55,8 @@ def _state(kind: NetiKind, base: BaseModel, steps: int, **options: float) -> Net
         prompt=PROMPT,
         negative_prompt="",
         pipeline=SimpleNamespace(scheduler=scheduler),
-        family=SD1,
-        layer_names=tuple(SD1.cross_attention_layers(base.pipeline.unet)),
+        family=base.family,
+        layer_names=tuple(base.family.cross_attention_layers(base.pipeline.unet)),
         device=torch.device("cpu"),
         dtype=torch.float32,
         steps=steps,
@@ -252,3 +252,32 @@ def test_time_anchors_through_the_service_and_the_cli_syntax(tmp_path, adapter):
         hook.remove()
     with pytest.raises(InvalidInputError, match="time_anchors"):
         image("toy:time_anchors=1")
+
+
+def test_sdxl_two_encoders_blend_their_concatenated_states(tmp_path):
+    from studio.families import SDXL
+    from studio.testing import build_tiny_sdxl_pipeline
+
+    base = BaseModel.from_pipeline(build_tiny_sdxl_pipeline(), "tiny-xl")
+    config = load_config(NetiConfig, overrides=[f"placeholder_token={TOKEN}", "super_category=toy"])
+    torch.manual_seed(0)
+    mapper = build_mapper(config, base.pipeline, SDXL, len(SDXL.cross_attention_layers(base.pipeline.unet)))
+    adapter = neti_adapter(mapper.eval())
+    kind = NetiKind(adapter, base)
+    state = _state(kind, base, 6, time_anchors=2.0)
+    grid = _grid(state)
+    plain, _ = _exact(kind, grid)
+    state.states_at(grid[1])
+    assert state.anchors == sorted([grid[0], grid[-1]])
+    for index, t in enumerate(grid):
+        got, bypass = state.states_at(t)
+        assert got.shape == plain[index].shape and got.shape[-1] == 64, "both encoders' widths, concatenated"
+        assert bypass.shape[0] == kind.spec.n_layers
+        if t in state.anchors:
+            assert torch.allclose(got, plain[index], atol=1e-5)
+    write(tmp_path, "toy-xl", adapter)
+    service = PipelineService(base, adapter_source=tmp_path)
+    request = GenerationRequest(
+        prompt=PROMPT, seeds=[1], steps=4, width=SIZE, height=SIZE, adapters=[AdapterRef.parse("toy-xl:time_anchors=2")]
+    )
+    assert service.generate(request).images[0].size == (SIZE, SIZE)
