@@ -7,8 +7,9 @@ present). The base model is ``studio/assets/tiny`` when built, else the random t
 ``--train-steps`` steps (100 by default, about 15 s: short, but enough to make the mapper's dependence on t that of a
 trained one; a random mapper is not representative of the interpolation error). ``--train-steps 0`` takes a random
 mapper (the cost does not depend on the weights). Requests go through `PipelineService` with the same prompt, steps,
-scheduler and seed; rounds are interleaved so background load hits each kind alike, and medians of this process's CPU
-time are reported (wall time on GPU).
+scheduler and seed; rounds are interleaved (each round starting at another row) so background load hits each kind
+alike, and medians of this process's CPU time are reported (wall time on GPU), with the default row's ratio per round
+to show the spread.
 
 Timing rows:
 
@@ -29,19 +30,19 @@ default blend (``mapper``: weights fitted to the mapper's outputs) and, to compa
 the two neighbouring anchors (``linear``). ``neti vs base`` is the same measure between the exact NeTI image and the
 base model with the class word, for scale.
 
-Target: ``neti (cold, default K) / base <= 1.10``. Measured on a 2-core CPU box shared with another busy process
-(``OMP_NUM_THREADS=1 python bench/bench_neti.py --rounds 5``; 20 steps on ``tiny``, 7 cross-attention layers;
-robot-toy trained 100 steps in 16 s; the ratios move by about +-0.03 between runs)::
+Target: ``neti (cold, default K) / base <= 1.10``. Measured on a 2-core CPU box shared with one or two other busy
+processes (``OMP_NUM_THREADS=1 python bench/bench_neti.py --rounds 5``; 20 steps on ``tiny``, 7 cross-attention
+layers; robot-toy trained 100 steps in 15 s)::
 
     row                     median CPU s   x base  text-encoder rows per request (batched calls)
-    base                           0.600     1.00  1 (+1 negative)
-    neti (cold, K=exact)           0.968     1.61  140 (1 call)
-    neti (cold, K=8)               0.713     1.19  56 (1 call)
-    neti (cold, K=5)               0.667     1.11  35 (1 call)
-    neti (cold, K=3)               0.643     1.07  21 (1 call)  <- default
-    neti (cold, K=2)               0.638     1.06  14 (1 call)
-    neti (warm)                    0.621     1.04  0
-    reference                      2.934     4.89  140 (one per call)
+    base                           0.615     1.00  1 (+1 negative)
+    neti (cold, K=exact)           0.893     1.45  140 (1 call)
+    neti (cold, K=8)               0.708     1.15  56 (1 call)
+    neti (cold, K=5)               0.682     1.11  35 (1 call)
+    neti (cold, K=3)               0.674     1.10  21 (1 call)  <- default
+    neti (cold, K=2)               0.668     1.09  14 (1 call)
+    neti (warm)                    0.608     0.99  0
+    reference                      2.897     4.71  140 (one per call)
     fidelity vs exact (3 prompts x 2 seeds, 20 steps): mean |pixel diff| (0-255), PSNR (dB), worst image's mean
     |diff|, max relative state error (plain / bypassed), per blend
     K=8 mapper               0.961    43.23   2.043    0.0323 / 0.0322
@@ -53,19 +54,25 @@ robot-toy trained 100 steps in 16 s; the ratios move by about +-0.03 between run
     K=3 linear               2.959    33.96   4.436    0.1159 / 0.1168
     K=2 linear              12.869    22.32  26.903    0.2316 / 0.2329
     neti vs base (scale)    48.795    12.00  70.155
-    neti (cold, K=3) / base = 1.073 (target <= 1.10): OK
+    neti (cold, K=3) / base per round: 1.08 1.09 1.03 0.97 1.17
+    neti (cold, K=3) / base = 1.097 (target <= 1.10): OK
+
+The timing ratios move with the other processes' load: seven runs of this code gave 1.073, 1.141, 1.111 (15 rounds),
+1.097, 1.098, 1.081, 1.102 for K=3 (median 1.098; single rounds 0.82-1.41), and exact 1.45-1.67. Measured apart, a
+cold K=3 request adds 35-45 ms of CPU to a 0.6 s generation: ~40 ms for the 21-row text-encoder batch (near the
+core's matmul peak), a few ms for the rest; a warm one adds ~5 ms. So K=3 sits at the target, not clearly under it.
 
 Earlier runs during development: 1.118 (before the keys and values of all layers were built once per U-Net call), 1.086
 (before the blend weights were kept per grid); 1.055 with ``--train-steps 250 --rounds 1``. With the concept trained 250
 steps the mapper moves more in t and linear interpolation breaks down, the fitted blend less so: mean |diff| at K = 8,
 5, 3, 2 is 1.55, 1.07, 1.96, 13.1 (mapper blend; PSNR 41.4, 41.4, 37.3, 21.7 dB) against 6.32, 11.6, 9.07, 15.8 (linear
 in t); exact NeTI vs the base model is 40.0. With a concept from ``bench/eval_neti.py`` (about 210 steps,
-``--adapter``): 2.72, 2.41, 3.20, 6.50 (mapper) against 4.49, 9.56, 10.6, 5.10 (linear); vs base 56.3. So the default
-K=3 keeps a new prompt under the target and its images within 1.4-3.2 of 255 (PSNR 34-40 dB) of the exact ones on
-average, 2-5 for the worst image; ``0`` gives the exact conditioning at 1.5-1.6x. At 50 steps (``--steps 50 --rounds
-1``, 100-step concept) K=3 costs 0.95x (noise; K=8 1.03x, exact 1.90x) but the images are more sensitive: mean |diff|
-3.47 (K=3), 2.74 (K=5), 2.70 (K=8) with the fitted blend, 4.40, 5.39, 3.14 linear; one of the six images moves by 10-14
-of 255 at every K, even at K=8 where the states err by at most 4%, so there the sampler, not the blend, sets the floor.
+``--adapter``): 2.72, 2.41, 3.20, 6.50 (mapper) against 4.49, 9.56, 10.6, 5.10 (linear); vs base 56.3. So at the default
+K=3 the images stay within 1.4-3.2 of 255 (PSNR 34-40 dB) of the exact ones on average, 2-5 for the worst image; ``0``
+gives the exact conditioning at 1.45-1.67x. At 50 steps (``--steps 50 --rounds 1``, 100-step concept) K=3 costs 0.95x
+(noise; K=8 1.03x, exact 1.90x) but the images are more sensitive: mean |diff| 3.47 (K=3), 2.74 (K=5), 2.70 (K=8) with
+the fitted blend, 4.40, 5.39, 3.14 linear; one of the six images moves by 10-14 of 255 at every K, even at K=8 where the
+states err by at most 4%, so there the sampler, not the blend, sets the floor.
 """
 
 from __future__ import annotations
@@ -244,6 +251,55 @@ def trained_adapter(steps: int) -> tuple[Any, str]:
     return adapter, token
 
 
+def fidelity(
+    service: PipelineService,
+    kind: NetiKind,
+    request: Callable[..., GenerationRequest],
+    token: str,
+    class_word: str,
+    anchor_values: list[int],
+    n_prompts: int,
+    n_seeds: int,
+    steps: int,
+) -> None:
+    """Print the fidelity rows: the same requests with K anchors vs exact, per blend (see the module docstring)."""
+    # The exact request first: the cache then holds every timestep, so the anchored ones encode nothing.
+    seeds = list(range(1, n_seeds + 1))
+    prompts = [f"a {token} on a {colour} background" for colour in QUALITY_BACKGROUNDS[:n_prompts]]
+    exact_images: list[np.ndarray] = []
+    base_images: list[np.ndarray] = []
+    cases = [(blend, anchors) for blend in ("mapper", "linear") for anchors in anchor_values if anchors != 0]
+    by_case: dict[tuple[str, int], list[np.ndarray]] = {case: [] for case in cases}
+    errors: dict[tuple[str, int], tuple[float, float]] = {case: (0.0, 0.0) for case in cases}
+
+    def images_of(prompt: str, refs: list[AdapterRef]) -> list[np.ndarray]:
+        return [np.asarray(image) for image in service.generate(request(prompt, refs, seeds)).images]
+
+    for prompt in prompts:
+        base_images += images_of(prompt.replace(token, class_word), [])
+        exact_images += images_of(prompt, [neti_ref(0)])
+        for blend, anchors in cases:
+            kind.blend = blend
+            with recorded_states() as seen:
+                by_case[blend, anchors] += images_of(prompt, [neti_ref(anchors)])
+            plain, bypassed = relative_error(seen)
+            worst = errors[blend, anchors]
+            errors[blend, anchors] = (max(worst[0], plain), max(worst[1], bypassed))
+    kind.blend = "mapper"
+    print(
+        f"fidelity vs exact ({len(prompts)} prompts x {len(seeds)} seeds, {steps} steps): mean |pixel diff| "
+        "(0-255), PSNR (dB), worst image's mean |diff|, max relative state error (plain / bypassed), per blend"
+    )
+    for blend, anchors in cases:
+        diff, psnr, worst = image_difference(by_case[blend, anchors], exact_images)
+        plain, bypassed = errors[blend, anchors]
+        mark = "  <- default" if anchors == DEFAULT_TIME_ANCHORS and blend == "mapper" else ""
+        label = f"K={anchors_label(anchors)} {blend}"
+        print(f"{label:<22}{diff:>8.3f}{psnr:>9.2f}{worst:>8.3f}{plain:>10.4f} / {bypassed:.4f}{mark}")
+    diff, psnr, worst = image_difference(exact_images, base_images)
+    print(f"{'neti vs base (scale)':<22}{diff:>8.3f}{psnr:>9.2f}{worst:>8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -256,7 +312,9 @@ def main() -> None:
     parser.add_argument(
         "--time-anchors", default="0,8,5,3,2", help="K values of the cold rows (0 = exact); the default K is added"
     )
-    parser.add_argument("--quality-prompts", type=int, default=3, help="prompts of the fidelity rows (at most 4)")
+    parser.add_argument(
+        "--quality-prompts", type=int, default=3, help="prompts of the fidelity rows (at most 4; 0: no fidelity rows)"
+    )
     parser.add_argument("--quality-seeds", type=int, default=2, help="seeds per prompt of the fidelity rows")
     parser.add_argument("--gpu", action="store_true", help="use CUDA when available")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-design baseline")
@@ -315,17 +373,19 @@ def main() -> None:
     times.update({"neti (warm)": [], "reference": []})
     cuda = device == "cuda"
     for round_index in range(args.rounds):
-        times["base"].append(measure(lambda: service.generate(request(base_prompt, [])), cuda))
+        jobs: list[tuple[str, Callable[[], Any]]] = [("base", lambda: service.generate(request(base_prompt, [])))]
         for anchors, row in cold_rows.items():
             cold_prompt = f"a {token} on a red background, take {round_index} of {row}"
-            times[row].append(
-                measure(lambda p=cold_prompt, a=anchors: service.generate(request(p, [neti_ref(a)])), cuda)
-            )
-        times["neti (warm)"].append(measure(lambda: service.generate(request(warm_prompt, [default_ref])), cuda))
+            jobs.append((row, lambda p=cold_prompt, a=anchors: service.generate(request(p, [neti_ref(a)]))))
+        jobs.append(("neti (warm)", lambda: service.generate(request(warm_prompt, [default_ref]))))
         if not args.no_reference:
-            times["reference"].append(
-                measure(lambda: reference_generation(service, kind, warm_prompt, args.steps, args.guidance), cuda)
+            jobs.append(
+                ("reference", lambda: reference_generation(service, kind, warm_prompt, args.steps, args.guidance))
             )
+        # Each round starts at another row, so no row always runs right after the same one (caches, load bursts).
+        shift = round_index % len(jobs)
+        for row, job in jobs[shift:] + jobs[:shift]:
+            times[row].append(measure(job, cuda))
 
     base_time = statistics.median(times["base"])
     unit = "wall s" if cuda else "CPU s"
@@ -345,45 +405,25 @@ def main() -> None:
             mark = "  <- default" if row == cold_rows[DEFAULT_TIME_ANCHORS] else ""
             print(f"{row:<22}{median:>14.3f}{median / base_time:>9.2f}  {calls[row]}{mark}")
 
-    # Fidelity: the same requests with K anchors vs exact (the exact one first, so the cache holds every timestep),
-    # for the default blend (weights fitted to the mapper's outputs) and, to compare, linear interpolation in t.
-    seeds = list(range(1, args.quality_seeds + 1))
-    prompts = [f"a {token} on a {colour} background" for colour in QUALITY_BACKGROUNDS[: args.quality_prompts]]
-    exact_images: list[np.ndarray] = []
-    base_images: list[np.ndarray] = []
-    cases = [(blend, anchors) for blend in ("mapper", "linear") for anchors in anchor_values if anchors != 0]
-    by_case: dict[tuple[str, int], list[np.ndarray]] = {case: [] for case in cases}
-    errors: dict[tuple[str, int], tuple[float, float]] = {case: (0.0, 0.0) for case in cases}
+    if args.quality_prompts > 0:
+        fidelity(
+            service,
+            kind,
+            request,
+            token,
+            class_word,
+            anchor_values,
+            args.quality_prompts,
+            args.quality_seeds,
+            args.steps,
+        )
 
-    def images_of(prompt: str, refs: list[AdapterRef]) -> list[np.ndarray]:
-        return [np.asarray(image) for image in service.generate(request(prompt, refs, seeds)).images]
-
-    for prompt in prompts:
-        base_images += images_of(prompt.replace(token, class_word), [])
-        exact_images += images_of(prompt, [neti_ref(0)])
-        for blend, anchors in cases:
-            kind.blend = blend
-            with recorded_states() as seen:
-                by_case[blend, anchors] += images_of(prompt, [neti_ref(anchors)])
-            plain, bypassed = relative_error(seen)
-            worst = errors[blend, anchors]
-            errors[blend, anchors] = (max(worst[0], plain), max(worst[1], bypassed))
-    kind.blend = "mapper"
-    print(
-        f"fidelity vs exact ({len(prompts)} prompts x {len(seeds)} seeds, {args.steps} steps): mean |pixel diff| "
-        "(0-255), PSNR (dB), worst image's mean |diff|, max relative state error (plain / bypassed), per blend"
-    )
-    for blend, anchors in cases:
-        diff, psnr, worst = image_difference(by_case[blend, anchors], exact_images)
-        plain, bypassed = errors[blend, anchors]
-        mark = "  <- default" if anchors == DEFAULT_TIME_ANCHORS and blend == "mapper" else ""
-        label = f"K={anchors_label(anchors)} {blend}"
-        print(f"{label:<22}{diff:>8.3f}{psnr:>9.2f}{worst:>8.3f}{plain:>10.4f} / {bypassed:.4f}{mark}")
-    diff, psnr, worst = image_difference(exact_images, base_images)
-    print(f"{'neti vs base (scale)':<22}{diff:>8.3f}{psnr:>9.2f}{worst:>8.3f}")
-
-    ratio = statistics.median(times[cold_rows[DEFAULT_TIME_ANCHORS]]) / base_time
+    default_times = times[cold_rows[DEFAULT_TIME_ANCHORS]]
+    ratio = statistics.median(default_times) / base_time
     verdict = "OK" if ratio <= TARGET_RATIO else "ABOVE TARGET"
+    # The spread of the same ratio within each round shows how much background load moves it.
+    per_round = " ".join(f"{cold / base:.2f}" for cold, base in zip(default_times, times["base"], strict=True))
+    print(f"neti (cold, K={DEFAULT_TIME_ANCHORS}) / base per round: {per_round}")
     print(f"neti (cold, K={DEFAULT_TIME_ANCHORS}) / base = {ratio:.3f} (target <= {TARGET_RATIO:.2f}): {verdict}")
 
 

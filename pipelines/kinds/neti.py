@@ -17,14 +17,14 @@ How a request with a NeTI concept runs (see `trainers.neti` for the mapper itsel
    batches ``[negative; positive]``; the negative rows keep the pipeline's own negative-prompt states.
 
 Why anchors: the text encoder is causal, so the steps x layers rows differ from the placeholder on and cost a full
-encoding each (20 steps x 7 layers on ``tiny``: 1.5x the base generation); 3 anchors x 7 layers cost about 1.09x.
-Why blend by the mapper and not linearly in t: a trained mapper is NOT smooth on a sampling grid (sigma_t = 0.03
-gives Fourier periods down to ~60 timesteps; its output moves ~10% between two steps of a 20-step grid, in no
-consistent direction), so linear interpolation in t errs by about as much as the states vary. The mapper itself is
-cheap, so its exact outputs at every (t, layer) are known: the blend weights are those whose affine combination of the
-anchors' mapper outputs best matches the mapper output at t (least squares), and the same combination of the anchors'
-states stands in for the encoder's output. On a trained ``tiny`` concept that halves the states' error at 5 anchors;
-numbers and the image differences per K are in `bench/bench_neti.py`.
+encoding each (20 steps x 7 layers on ``tiny``: 1.45-1.67x the base generation); 3 anchors x 7 layers: about 1.10x. Why
+blend by the mapper and not linearly in t: a trained mapper is NOT smooth on a sampling grid (sigma_t = 0.03 gives
+Fourier periods down to ~60 timesteps; its output moves ~10% between two steps of a 20-step grid, in no consistent
+direction), so linear interpolation in t errs by about as much as the states vary. The mapper itself is cheap, so its
+exact outputs at every (t, layer) are known: the blend weights are those whose affine combination of the anchors' mapper
+outputs best matches the mapper output at t (least squares), and the same combination of the anchors' states stands in
+for the encoder's output. On trained ``tiny`` concepts that lowers the states' largest error (by up to half) and cuts
+the images' mean difference from the exact ones 2-10x at 3-5 anchors; numbers per K are in `bench/bench_neti.py`.
 
 Results are cached per adapter by (prompt, truncation, text-encoder state) and hold the EXACT states of every timestep
 encoded so far; blended states are derived per request and never cached, so the cache does not depend on
@@ -67,7 +67,8 @@ KIND = "neti"
 OPTIONS = ("truncation", "time_anchors")
 DEFAULT_TIME_ANCHORS = 3
 """Timesteps per layer encoded exactly for a new prompt (the rest blended from them); 0 = every timestep. Chosen on
-``tiny`` (`bench/bench_neti.py`): 3 is the most that keeps a new prompt within 1.10x of the base generation there.
+``tiny`` (`bench/bench_neti.py`): 3 keeps a new prompt at about 1.10x of the base generation there; 2 is hardly
+cheaper and its images stray 7-13/255 from the exact ones (3: 1.4-3.2).
 Not the mapper's own ``MapperSpec.time_anchors`` (the timesteps its first layer is initialised at)."""
 BLEND_CACHE_SIZE = 16
 """Blend weights kept per adapter, by (blend, truncation, anchors, grid); tiny (steps x layers x anchors values)."""
