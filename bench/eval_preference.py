@@ -297,16 +297,33 @@ class Setup:
 OPEN_STYLES = ("bare", "no_colour", "no_background")
 
 
-def attribute_examples(count: int, seed: int = 0) -> list[AttributeExample]:
+def attribute_examples(count: int, seed: int = 0, size_share: float = 1 / 3) -> list[AttributeExample]:
     """Lessons for the attribute branch from the shapes world: an open prompt ("a circle"), an attribute for one of
     its open slots ("red" or "dotted background"), the prompt with it in words ("a red circle"), and a rendering of
-    that. Drawn from the base's training distribution, not from the evaluation's held-out combinations."""
+    that. Drawn from the base's training distribution, not from the evaluation's held-out combinations.
+
+    A ``size_share`` of the lessons teach the size words of the vocabulary: "large" or "small" on a caption that
+    names no size ("a red circle on a blue background"), against the world's sized caption of the same scene ("a
+    large red circle on a blue background"), the one style in which the base model learned size words. Without
+    them the branch reads "large" through projections no lesson shaped: on 12 evaluation prompts its tokens changed
+    the object's colour in half the images and the background in more than half, and the size not at all."""
     rng = random.Random(f"attribute-examples:{seed}")
     examples = []
     for _ in range(count):
         scene = random_scene(rng, two_object_prob=0.0, class_prob=0.0)
         style = rng.choice(OPEN_STYLES)
         (obj,) = scene.objects
+        if rng.random() < size_share:
+            size = rng.choice(("large", "small"))
+            # The world centres large objects (`random_scene`); keep its placement rules.
+            sized = replace(
+                scene, objects=(replace(obj, size=size, position="center" if size == "large" else obj.position),)
+            )
+            plain = caption_for(replace(sized, caption_style="full"))
+            examples.append(
+                AttributeExample(plain, size, caption_for(replace(sized, caption_style="sized")), render(sized))
+            )
+            continue
         slots = [
             *(["colour"] if style in ("bare", "no_colour") else []),
             *(["background"] if style != "no_colour" else []),
@@ -489,6 +506,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "first if it does not exist)",
     )
     parser.add_argument("--branch-steps", type=int, default=800, help="steps when --branch has to be trained")
+    parser.add_argument(
+        "--prior",
+        type=Path,
+        help="user mode: an attributes population file for the start's prior (init_prior); built from "
+        "--train-users when missing",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="random tiny pipeline and judge, tiny counts")
     args = parser.parse_args(argv)
@@ -510,18 +533,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             branch_config = load_config(PreferenceConfig, overrides=[*overrides, "mode=branch"])
             save_adapter(args.branch, train_attribute_branch(branch_config, examples, setup.base))
         branch = [f"branch={args.branch}"]
+    prior = [f"init_prior={args.prior}"] if args.prior and args.mode == "user" else []
     config = load_config(PreferenceConfig, overrides=[*init, *branch, *args.set, *mode])
     family = setup.base.family.name
 
-    # 1. Population mode trains once, over other users, on one pool they all label.
-    population = None
-    reader = JudgeAttributes(setup.judge) if config.init_reader == "judge" else None
-    if args.mode == "population":
+    def train_users_population(population_config: PreferenceConfig) -> Any:
         pool = training_pool(setup, args.train_prompts, seed=1)
         train_users = [random_user(seed) for seed in range(args.train_users)]
         pairs = [pair for user in train_users for pair in label(setup, user, pool)]
-        population = train_population(config, pairs, setup.base, image_features=setup.features, attribute_reader=reader)
+        return train_population(
+            population_config, pairs, setup.base, image_features=setup.features, attribute_reader=reader
+        )
+
+    # 1. Population mode trains once, over other users, on one pool they all label. ``--prior`` does the same for
+    # user mode's start (an ``attributes`` population), once per file.
+    population = None
+    reader = JudgeAttributes(setup.judge) if config.init_reader == "judge" else None
+    if args.mode == "population":
+        population = train_users_population(config)
         logger.info("population model: %s", population.metadata.config.get("final_implicit_accuracy", "fitted"))
+    if prior:
+        if not args.prior.is_file():
+            population_overrides = [*init, *branch, *args.set, "mode=population", "population_encoder=attributes"]
+            save_adapter(
+                args.prior, train_users_population(load_config(PreferenceConfig, overrides=population_overrides))
+            )
+        config = load_config(PreferenceConfig, overrides=[*init, *branch, *args.set, *prior, *mode])
 
     # 2. Each held-out user: their pairs, their preference, the comparison.
     count = args.pairs or (4 if args.mode == "population" else 16)

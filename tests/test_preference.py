@@ -32,8 +32,10 @@ from trainers.preference import (
     ClipVisionFeatures,
     JudgeFeatures,
     PreferenceConfig,
+    UtilityPrior,
     diffusion_dpo_loss,
     embed_user,
+    fit_attribute_utilities,
     phrase_tokens,
     train_attribute_branch,
     train_population,
@@ -279,6 +281,62 @@ def test_an_attribute_population_embeds_a_new_user_from_a_few_picks(tmp_path):
     assert len(images.images) == 1
     with pytest.raises(InvalidInputError, match="branch"):
         load_config(PreferenceConfig, overrides=["mode=population", "population_encoder=attributes"])
+
+
+def test_a_population_prior_reads_attributes_people_like_together():
+    # Candidates: red, orange, blue. In the population red and orange are liked or disliked together (warm colours).
+    population = torch.tensor([[1.0, 0.9, -0.5], [-1.0, -0.8, 0.6], [0.8, 1.0, 0.0], [-0.9, -1.0, 0.2]])
+    prior = UtilityPrior.from_population(population)
+    # A new user's one pick: orange over blue. It says nothing about red by itself.
+    picks = torch.tensor([[0.0, 1.0, -1.0]])
+    ridge = fit_attribute_utilities(picks, l2=1.0)
+    grouped = fit_attribute_utilities(picks, l2=1.0, prior=prior)
+    assert float(ridge[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(grouped[0]) > 0.05  # red rises with orange
+    with pytest.raises(InvalidInputError, match="at least 2 population users"):
+        UtilityPrior.from_population(population[:1])
+    with pytest.raises(InvalidInputError, match="prior over 2 attributes, found one over 3"):
+        fit_attribute_utilities(picks[:, :2], l2=1.0, prior=prior)
+
+
+def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path):
+    base = tiny_base()
+    branch = write(
+        tmp_path,
+        "branch",
+        train_attribute_branch(PreferenceConfig(mode="branch", steps=1, batch_size=2), attribute_lessons(8), base),
+    )
+    candidates = ("red", "blue", "green")
+    # Every population user likes red and dislikes blue, or the other way round.
+    population_pairs = [
+        PreferencePair(f"user{n}", f"a shape {i}", Image.new("RGB", (64, 64), a), Image.new("RGB", (64, 64), b))
+        for n in range(4)
+        for i, (a, b) in enumerate(
+            [("red", "blue"), ("red", "green"), ("green", "blue")]
+            if n % 2
+            else [("blue", "red"), ("blue", "green"), ("green", "red")]
+        )
+    ]
+    common = {"init_attributes": candidates, "init_reader": "colour", "branch": str(branch)}
+    population = train_population(
+        PreferenceConfig(mode="population", population_encoder="attributes", context_pairs=2, **common),
+        population_pairs,
+        base,
+        attribute_reader=ColourReader(),
+    )
+    prior = write(tmp_path, "population", population)
+    # Carol's one pick, green over blue, is read through the population: blue haters like red.
+    pairs = [
+        PreferencePair("carol", "a shape", Image.new("RGB", (64, 64), "green"), Image.new("RGB", (64, 64), "blue"))
+    ]
+    cfg = PreferenceConfig(steps=1, batch_size=1, lr=1e-12, init_prior=str(prior), init_top=1, **common)
+    adapter = train_user_preference(cfg, pairs * 2, base, attribute_reader=ColourReader())
+    assert adapter.metadata.config["initial_attributes"] == ["red"]
+    other = PreferenceConfig(steps=1, init_prior=str(prior), **{**common, "init_attributes": ("red", "blue")})
+    with pytest.raises(InvalidInputError, match="same candidates"):
+        train_user_preference(other, pairs * 2, base, attribute_reader=ColourReader())
+    with pytest.raises(InvalidInputError, match="'init_prior' expects 'init_reader'"):
+        load_config(PreferenceConfig, overrides=[f"init_prior={prior}"])
 
 
 @pytest.fixture

@@ -107,6 +107,14 @@ class PreferenceConfig:
     DPO from that start lowered dev users' win rates, so use ``steps=1``."""
     init_l2: float = 3.0
     """With ``init_reader``: the ridge weight of the Bradley-Terry fit (16 picks name about as many attributes)."""
+    init_prior: str = ""
+    """With ``init_reader``: an ``attributes`` population model file (``population_encoder = "attributes"``). Its
+    users' utilities give the per-user fit a Gaussian prior (`UtilityPrior`: their mean and covariance) in place of
+    the ridge, so that attributes people like together (the warm colours, the textured backgrounds) are read
+    together from few picks. Its candidates must be ``init_attributes``."""
+    population_l2: float = 0.3
+    """Population mode, ``attributes`` encoder: the ridge weight of each training user's fit. Lighter than
+    ``init_l2``: the population is a prior over many users, not one user's answer."""
     init_margin: float = 0.05
     """With ``init_reader``: how far (in Bradley-Terry utility) an attribute must beat its slot's average to join."""
     branch: str = ""
@@ -143,13 +151,17 @@ class PreferenceConfig:
         """Ranges of the options."""
         expect_positive(self, "tokens", "beta", "steps", "batch_size", "lr", "users_per_step", "context_pairs")
         expect_positive(self, "hidden", "log_every", "max_grad_norm", "init_top", "init_draws", "branch_lr")
-        expect_non_negative(self, "projection_lr", "token_norm", "init_l2", "init_margin")
+        expect_non_negative(self, "projection_lr", "token_norm", "init_l2", "init_margin", "population_l2")
         if self.mode == "population" and self.population_encoder == "attributes":
             missing = [key for key in ("init_attributes", "init_reader", "branch") if not getattr(self, key)]
             if missing:
                 raise InvalidInputError(
                     f"population_encoder 'attributes' expects config keys {', '.join(missing)} to be set, got none"
                 )
+        if self.init_prior and not self.init_reader:
+            raise InvalidInputError(
+                f"config key 'init_prior' expects 'init_reader' to be set, got none (init_prior={self.init_prior!r})"
+            )
         if self.init_reader and not self.init_attributes:
             raise InvalidInputError(
                 f"config key 'init_reader' expects candidate attributes in 'init_attributes', got none "
@@ -617,22 +629,57 @@ def _tokens_and_masks(
     return tokens, masks.to(device)
 
 
-def fit_attribute_utilities(differences: torch.Tensor, l2: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class UtilityPrior:
+    """A Gaussian prior over attribute utilities, learned from a population: ``mean`` ``[C]`` and ``precision``
+    ``[C, C]``. Its covariance says which attributes people like together, so a pick that shows one of them moves
+    the others too."""
+
+    mean: torch.Tensor
+    precision: torch.Tensor
+
+    @classmethod
+    def from_population(cls, utilities: torch.Tensor, shrink: float = 0.1) -> UtilityPrior:
+        """From ``[users, C]`` utilities: their mean, and their covariance plus ``shrink`` times its average
+        variance on the diagonal (so that it inverts when users are few or attributes never vary).
+
+        >>> prior = UtilityPrior.from_population(torch.tensor([[1.0, 1.0], [-1.0, -1.0], [0.5, 0.4]]))
+        >>> bool(prior.precision[0, 1] < 0)  # the two attributes go together: knowing one tells the other
+        True
+        """
+        if utilities.dim() != 2 or utilities.shape[0] < 2:
+            raise InvalidInputError(
+                f"expected the utilities of at least 2 population users, found shape {list(utilities.shape)}"
+            )
+        u = utilities.double()
+        covariance = torch.cov(u.T).reshape(u.shape[1], u.shape[1])
+        scale = float(covariance.diagonal().mean()) or 1.0
+        covariance = covariance + shrink * scale * torch.eye(u.shape[1], dtype=torch.float64)
+        return cls(u.mean(0).float(), torch.linalg.inv(covariance).float())
+
+
+def fit_attribute_utilities(differences: torch.Tensor, l2: float, prior: UtilityPrior | None = None) -> torch.Tensor:
     """Bradley-Terry utilities of attributes from picks: ``u`` maximising ``sum(log sigmoid(differences @ u)) -
     l2 / 2 * |u|^2``, where each row of ``differences`` is the preferred image's attribute presence minus the
     other's. Newton's method on this concave objective; ``l2`` > 0 keeps it unique when attributes outnumber picks.
+    With a ``prior``, its Gaussian term ``1/2 (u - mean)' precision (u - mean)`` replaces the ridge.
 
     >>> u = fit_attribute_utilities(torch.tensor([[1.0, 0.0], [1.0, -1.0], [0.0, -1.0]]), l2=1.0)
     >>> bool(u[0] > 0 > u[1])
     True
     """
     x = differences.double()
-    u = torch.zeros(x.shape[1], dtype=torch.float64)
-    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    count = x.shape[1]
+    eye = torch.eye(count, dtype=torch.float64)
+    mean = prior.mean.double() if prior else torch.zeros(count, dtype=torch.float64)
+    precision = prior.precision.double() if prior else max(l2, 1e-6) * eye
+    if mean.shape != (count,) or precision.shape != (count, count):
+        raise InvalidInputError(f"expected a utility prior over {count} attributes, found one over {len(mean)}")
+    u = mean.clone()
     for _ in range(50):
         p = torch.sigmoid(x @ u)
-        gradient = x.T @ (1.0 - p) - l2 * u
-        hessian = (x.T * (p * (1.0 - p))) @ x + max(l2, 1e-6) * eye
+        gradient = x.T @ (1.0 - p) - precision @ (u - mean)
+        hessian = (x.T * (p * (1.0 - p))) @ x + precision
         step = torch.linalg.solve(hessian, gradient)
         u = u + step
         if float(step.abs().max()) < 1e-9:
@@ -677,6 +724,30 @@ def _presence_differences(
     return preferred - other
 
 
+def population_prior(path: str | Path, candidates: Sequence[str], reader: AttributeReader) -> UtilityPrior:
+    """The `UtilityPrior` of an ``attributes`` population model file, checked against the start's candidates and
+    reader."""
+    from studio.adapter_files import load_adapter
+
+    population = load_adapter(path)
+    config = population.metadata.config
+    if config.get("mode") != "population" or config.get("encoder") != "attributes":
+        raise InvalidInputError(
+            f"init_prior expects an 'attributes' population model, found mode {config.get('mode')!r} with encoder "
+            f"{config.get('encoder')!r} in {path}"
+        )
+    if [str(c) for c in config["candidates"]] != list(candidates):
+        raise InvalidInputError(
+            f"init_prior expects a population over the same candidates as init_attributes ({len(candidates)}), "
+            f"found {len(config['candidates'])} different ones in {path}"
+        )
+    if config.get("attribute_reader") != reader.name:
+        raise InvalidInputError(
+            f"init_prior's population read attributes through {config.get('attribute_reader')!r}, found {reader.name!r}"
+        )
+    return UtilityPrior.from_population(population.tensors[UTILITIES_KEY].float())
+
+
 @torch.no_grad()
 def reader_start(
     pipeline: Any,
@@ -696,11 +767,13 @@ def reader_start(
     """
     candidates = _candidates(cfg)
     differences = _presence_differences(pairs, reader, candidates)
-    utilities = fit_attribute_utilities(differences, cfg.init_l2)
+    prior = population_prior(cfg.init_prior, candidates, reader) if cfg.init_prior else None
+    utilities = fit_attribute_utilities(differences, cfg.init_l2, prior)
     chosen = liked_attributes(candidates, utilities, cfg.init_margin, cfg.init_top)
     logger.info(
-        "preference start (%s reader): %s; utilities %s",
+        "preference start (%s reader%s): %s; utilities %s",
         reader.name,
+        ", population prior" if prior else "",
         ", ".join(chosen) or "nothing",
         ", ".join(f"{c}={float(u):+.2f}" for c, u in zip(candidates, utilities, strict=True)),
     )
@@ -1072,7 +1145,7 @@ def _attribute_population(
     candidates = _candidates(cfg)
     branch = load_branch(cfg.branch)
     differences = _presence_differences(pairs, reader, candidates)
-    utilities = torch.stack([fit_attribute_utilities(differences[rows], cfg.init_l2) for rows in users.values()])
+    utilities = torch.stack([fit_attribute_utilities(differences[rows], cfg.population_l2) for rows in users.values()])
     device = _device(None)
     phrases = torch.stack([phrase_tokens(base.pipeline, c, cfg.tokens, device).cpu() for c in candidates])
     tensors = {k: v for k, v in branch.tensors.items() if k.startswith(LAYER_PREFIX)}
