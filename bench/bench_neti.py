@@ -23,56 +23,63 @@ Timing rows:
   one prompt each) and unbatched guidance (the U-Net runs the negative and the positive prompt separately), in a
   denoising loop of the same scheduler and steps.
 
-Fidelity rows (``--quality-prompts`` prompts x ``--quality-seeds`` seeds, same requests with K anchors vs exact):
-mean absolute pixel difference (0-255) and PSNR of the final images, the largest per-image mean difference, and the
-largest relative error (Frobenius norm, per timestep and layer) of the plain and bypassed conditioning states; for the
-default blend (``mapper``: weights fitted to the mapper's outputs) and, to compare, linear interpolation in t between
-the two neighbouring anchors (``linear``). ``neti vs base`` is the same measure between the exact NeTI image and the
-base model with the class word, for scale.
+Fidelity rows (``--quality-prompts`` prompts x ``--quality-seeds`` seeds, same requests with K anchors vs exact): mean
+absolute pixel difference (0-255) and PSNR of the final images, the largest per-image mean difference, and the largest
+relative error (Frobenius norm, per timestep and layer) of the plain and bypassed conditioning states; for the default
+blend (``mapper``: every anchor row, weights fitted to the mapper's outputs) and, to compare, ``layer`` (the layer's own
+anchors, fitted) and ``linear`` (linear in t between the layer's two neighbouring anchors). ``neti vs base`` is the same
+measure between the exact NeTI image and the base model with the class word, for scale.
 
 Target: ``neti (cold, default K) / base <= 1.10``. Measured on a 2-core CPU box shared with one or two other busy
 processes (``OMP_NUM_THREADS=1 python bench/bench_neti.py --rounds 5``; 20 steps on ``tiny``, 7 cross-attention
 layers; robot-toy trained 100 steps in 15 s)::
 
     row                     median CPU s   x base  text-encoder rows per request (batched calls)
-    base                           0.615     1.00  1 (+1 negative)
-    neti (cold, K=exact)           0.893     1.45  140 (1 call)
-    neti (cold, K=8)               0.708     1.15  56 (1 call)
-    neti (cold, K=5)               0.682     1.11  35 (1 call)
-    neti (cold, K=3)               0.674     1.10  21 (1 call)  <- default
-    neti (cold, K=2)               0.668     1.09  14 (1 call)
-    neti (warm)                    0.608     0.99  0
-    reference                      2.897     4.71  140 (one per call)
+    base                           0.592     1.00  1 (+1 negative)
+    neti (cold, K=exact)           0.876     1.48  140 (1 call)
+    neti (cold, K=8)               0.697     1.18  56 (1 call)
+    neti (cold, K=5)               0.669     1.13  35 (1 call)
+    neti (cold, K=3)               0.637     1.08  21 (1 call)
+    neti (cold, K=2)               0.636     1.07  14 (1 call)  <- default
+    neti (warm)                    0.637     1.08  0
+    reference                      2.816     4.76  140 (one per call)
     fidelity vs exact (3 prompts x 2 seeds, 20 steps): mean |pixel diff| (0-255), PSNR (dB), worst image's mean
     |diff|, max relative state error (plain / bypassed), per blend
-    K=8 mapper               0.961    43.23   2.043    0.0323 / 0.0322
-    K=5 mapper               1.307    41.47   2.774    0.0619 / 0.0616
-    K=3 mapper               1.439    39.52   2.155    0.1016 / 0.1016  <- default
-    K=2 mapper               7.378    27.46  13.709    0.1737 / 0.1746
+    K=8 mapper               0.362    50.69   0.588    0.0158 / 0.0159
+    K=5 mapper               0.419    49.65   0.574    0.0510 / 0.0509
+    K=3 mapper               1.253    40.92   2.032    0.0632 / 0.0630
+    K=2 mapper               1.744    39.18   2.740    0.1024 / 0.1024  <- default
+    K=8 layer                0.961    43.22   2.043    0.0323 / 0.0322
+    K=5 layer                1.307    41.47   2.774    0.0619 / 0.0616
+    K=3 layer                1.439    39.52   2.155    0.1016 / 0.1016
+    K=2 layer                7.378    27.46  13.709    0.1737 / 0.1746
     K=8 linear               1.087    42.01   1.999    0.0722 / 0.0730
     K=5 linear               6.623    28.96  11.800    0.1137 / 0.1146
     K=3 linear               2.959    33.96   4.436    0.1159 / 0.1168
-    K=2 linear              12.869    22.32  26.903    0.2316 / 0.2329
+    K=2 linear              12.869    22.32  26.904    0.2316 / 0.2329
     neti vs base (scale)    48.795    12.00  70.155
-    neti (cold, K=3) / base per round: 1.08 1.09 1.03 0.97 1.17
-    neti (cold, K=3) / base = 1.097 (target <= 1.10): OK
+    neti (cold, K=2) / base per round: 0.97 1.11 1.05 1.07 1.18
+    neti (cold, K=2) / base = 1.075 (target <= 1.10): OK
 
-The timing ratios move with the other processes' load: seven runs of this code gave 1.073, 1.141, 1.111 (15 rounds),
-1.097, 1.098, 1.081, 1.102 for K=3 (median 1.098; single rounds 0.82-1.41), and exact 1.45-1.67. Measured apart, a
-cold K=3 request adds 35-45 ms of CPU to a 0.6 s generation: ~40 ms for the 21-row text-encoder batch (near the
-core's matmul peak), a few ms for the rest; a warm one adds ~5 ms. So K=3 sits at the target, not clearly under it.
+The timing ratios move with the other processes' load by about +-0.05 (single rounds 0.97-1.18 above). Over five runs of
+this code (this one and ``--quality-prompts 0 --time-anchors 0,3,2 --no-reference``, random or trained mapper): K=2
+1.075, 1.04, 1.106, 1.048, 1.063 (median 1.063), K=3 1.08, 1.09, 1.07, 1.06, 1.02 (median 1.07), exact 1.43-1.69, warm
+1.01-1.08. Measured apart, a cold K=3 request adds 35-45 ms of CPU to a 0.6 s generation, ~40 ms of it the 21-row
+text-encoder batch (near the core's matmul peak); K=2 saves about a third of that; a warm request adds ~5 ms.
 
-Earlier runs during development: 1.118 (before the keys and values of all layers were built once per U-Net call), 1.086
-(before the blend weights were kept per grid); 1.055 with ``--train-steps 250 --rounds 1``. With the concept trained 250
-steps the mapper moves more in t and linear interpolation breaks down, the fitted blend less so: mean |diff| at K = 8,
-5, 3, 2 is 1.55, 1.07, 1.96, 13.1 (mapper blend; PSNR 41.4, 41.4, 37.3, 21.7 dB) against 6.32, 11.6, 9.07, 15.8 (linear
-in t); exact NeTI vs the base model is 40.0. With a concept from ``bench/eval_neti.py`` (about 210 steps,
-``--adapter``): 2.72, 2.41, 3.20, 6.50 (mapper) against 4.49, 9.56, 10.6, 5.10 (linear); vs base 56.3. So at the default
-K=3 the images stay within 1.4-3.2 of 255 (PSNR 34-40 dB) of the exact ones on average, 2-5 for the worst image; ``0``
-gives the exact conditioning at 1.45-1.67x. At 50 steps (``--steps 50 --rounds 1``, 100-step concept) K=3 costs 0.95x
-(noise; K=8 1.03x, exact 1.90x) but the images are more sensitive: mean |diff| 3.47 (K=3), 2.74 (K=5), 2.70 (K=8) with
-the fitted blend, 4.40, 5.39, 3.14 linear; one of the six images moves by 10-14 of 255 at every K, even at K=8 where the
-states err by at most 4%, so there the sampler, not the blend, sets the floor.
+Fidelity with other concepts (mean |diff| at K = 5, 3, 2; ``mapper`` / ``layer`` / ``linear`` blend): trained 250 steps
+here (``--train-steps 250``): 0.38, 0.72, 3.12 (PSNR 50.8, 45.2, 35.3 dB; worst image 0.58, 0.93, 4.59) / 1.07, 1.96,
+13.1 / 11.6, 9.07, 15.8, exact NeTI vs base 40.0; a concept from ``bench/eval_neti.py`` (about 210 steps,
+``--adapter``): 1.05, 1.36, 1.87 (PSNR 43.2, 41.2, 37.4; worst 1.52, 1.83, 3.14) / 2.41, 3.20, 6.50 / 9.56, 10.6, 5.10,
+vs base 56.3. So at the default K=2 the images stay within 1.7-3.1 of 255 of the exact ones on average (PSNR 35-39 dB),
+2.7-4.6 for the worst image; K=3 gives 0.7-1.4 (PSNR 41-45 dB) for about 0.02x more; ``0`` is exact at 1.43-1.69x.
+Blending from every layer's anchors is what makes 2 anchors enough: with the layer's own anchors only, K=2 strays
+6.5-13.
+
+At 50 steps (``--steps 50 --rounds 1 --no-reference --time-anchors 5,3,2``) the cost ratio of every K is within noise of
+1.0 (K=5 1.07), and the images are more sensitive: mean |diff| 2.31 (K=5), 3.49 (K=3), 1.79 (K=2) with the default blend
+while the states' error falls with K (0.108, 0.079, 0.042 at K=2, 3, 5); one of the six images moves by 10-13 of 255 at
+K=3 and 5, so there the sampler, not the blend, sets the floor.
 """
 
 from __future__ import annotations
@@ -268,7 +275,7 @@ def fidelity(
     prompts = [f"a {token} on a {colour} background" for colour in QUALITY_BACKGROUNDS[:n_prompts]]
     exact_images: list[np.ndarray] = []
     base_images: list[np.ndarray] = []
-    cases = [(blend, anchors) for blend in ("mapper", "linear") for anchors in anchor_values if anchors != 0]
+    cases = [(blend, anchors) for blend in ("mapper", "layer", "linear") for anchors in anchor_values if anchors != 0]
     by_case: dict[tuple[str, int], list[np.ndarray]] = {case: [] for case in cases}
     errors: dict[tuple[str, int], tuple[float, float]] = {case: (0.0, 0.0) for case in cases}
 

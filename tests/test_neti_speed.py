@@ -10,7 +10,7 @@ import torch
 from test_pipeline_helpers import pixels, tiny_base, write
 
 from pipelines.kinds.conditioning import ConditioningRequest
-from pipelines.kinds.neti import DEFAULT_TIME_ANCHORS, NetiKind, NetiState, anchor_indices
+from pipelines.kinds.neti import CROSS_RIDGE, DEFAULT_TIME_ANCHORS, NetiKind, NetiState, anchor_indices
 from pipelines.requests import AdapterRef, GenerationRequest
 from pipelines.service import PipelineService
 from studio.base_models import BaseModel
@@ -148,39 +148,64 @@ def test_anchor_states_are_exact_and_with_the_linear_blend_linear_in_t_between(k
         assert not torch.allclose(plain, _exact(kind, [t])[0][0], atol=1e-4), "a random mapper is not linear in t"
 
 
-def test_the_mapper_blend_fits_the_mapper_outputs_and_combines_the_anchor_states_alike(kind, base):
+def _anchor_rows(state: NetiState, table: dict[float, torch.Tensor]) -> torch.Tensor:
+    """Every anchor row of ``table`` (plain states or bypassed rows), anchor-major: ``[K * L, ...]``."""
+    return torch.stack([table[t] for t in state.anchors or []]).flatten(0, 1)
+
+
+@pytest.mark.parametrize("blend", ["layer", "mapper"])
+def test_the_blend_fits_the_mapper_outputs_and_combines_the_anchor_states_alike(kind, base, blend):
+    kind.blend = blend
     state = _state(kind, base, 10, time_anchors=4.0)
     grid = _grid(state)
     state.states_at(grid[0])
     anchors = state.anchors
     assert anchors is not None and len(anchors) == 4
-    features = kind.mapper_features([*anchors, *grid], None)  # [K + n, L, F]
+    count, layers = len(anchors), kind.spec.n_layers
+    features = kind.mapper_features([*anchors, *grid], None).numpy()  # [K + n, L, F]
+    basis = features[:count].reshape(count * layers, -1)  # anchor rows, anchor-major
+    plain_rows, bypass_rows = _anchor_rows(state, state.entry.plain), _anchor_rows(state, state.entry.bypass)
     for index, t in enumerate(grid):
         if t in anchors:
             continue
         plain, bypass = state.states_at(t)
-        weights = state.blend_weights([t])[0]  # [L, K]
-        assert torch.allclose(weights.sum(dim=-1), torch.ones(weights.shape[0], dtype=weights.dtype))
-        for layer in range(kind.spec.n_layers):
-            # The weights solve the least-squares fit of m(t) by an affine combination of the anchors' m(a_k).
-            basis = features[: len(anchors), layer].numpy()
-            target = features[len(anchors) + index, layer].numpy()
-            directions = (basis[1:] - basis[0]).T
-            steps, *_ = np.linalg.lstsq(directions, target - basis[0], rcond=None)
-            assert np.allclose(weights[layer, 1:].numpy(), steps, atol=1e-5)
-            # The states are the same combination of the anchors' exact states.
-            want_plain = sum(
-                float(w) * state.entry.plain[a][layer] for w, a in zip(weights[layer], anchors, strict=True)
+        weights = state.blend_weights([t])[0]  # [L, K * L]
+        assert torch.allclose(weights.sum(dim=-1), torch.ones(layers, dtype=weights.dtype))
+        for layer in range(layers):
+            target = features[count + index, layer]
+            # The layer's own fit: the affine combination of its anchors' m(a_k, l) closest to m(t, l).
+            own_rows = [k * layers + layer for k in range(count)]
+            own_basis = basis[own_rows]
+            steps, *_ = np.linalg.lstsq((own_basis[1:] - own_basis[0]).T, target - own_basis[0], rcond=None)
+            own = np.zeros(count * layers)
+            own[own_rows] = np.concatenate([[1 - steps.sum()], steps])
+            if blend == "layer":
+                want = own
+            else:
+                # Over all anchor rows: own + Z z with Z an orthonormal basis of {sum = 0}, z the ridge least squares.
+                centred = basis - basis.mean(axis=0)
+                ridge = CROSS_RIDGE * np.trace(centred @ centred.T) / len(basis)
+                null = np.linalg.svd(np.ones((1, len(basis))))[2][1:].T  # [R, R-1]
+                design = (basis.T @ null).astype(np.float64)
+                z = np.linalg.solve(
+                    design.T @ design + ridge * np.eye(null.shape[1]), design.T @ (target - basis.T @ own)
+                )
+                want = own + null @ z
+            assert np.allclose(weights[layer].numpy(), want, atol=1e-6)
+            # The states are the same combination of the anchor rows' exact states.
+            combined = weights[layer].float()
+            assert torch.allclose(
+                plain[layer], (combined @ plain_rows.flatten(1)).reshape(plain[layer].shape), atol=1e-4
             )
-            want_bypass = sum(
-                float(w) * state.entry.bypass[a][layer] for w, a in zip(weights[layer], anchors, strict=True)
+            assert torch.allclose(
+                bypass[layer], (combined @ bypass_rows.flatten(1)).reshape(bypass[layer].shape), atol=1e-4
             )
-            assert torch.allclose(plain[layer], want_plain, atol=1e-4)
-            assert torch.allclose(bypass[layer], want_bypass, atol=1e-4)
 
 
-def test_a_mapper_constant_in_t_is_blended_exactly(adapter, base):
+@pytest.mark.parametrize("blend", ["layer", "mapper"])
+def test_a_mapper_constant_in_t_is_blended_exactly(adapter, base, blend):
     constant = NetiKind(adapter, base)
+    constant.blend = blend
     with torch.no_grad():
         constant.mapper.w[:, 0] = 0  # no time frequency: every timestep gets the same conditioning
     state = _state(constant, base, 8, time_anchors=2.0)

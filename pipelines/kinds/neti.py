@@ -9,22 +9,24 @@ How a request with a NeTI concept runs (see `trainers.neti` for the mapper itsel
    picks ``time_anchors`` anchor timesteps of that grid (spread evenly over it by index, both ends included; all of
    them when ``time_anchors`` is 0 or at least the grid's length), evaluates the mapper for every ``(anchor, layer)``
    in ONE batched call and runs each text encoder ONCE on that batch (anchors x layers prompts).
-3. Each `ConditionedAttnProcessor` then asks for its layer's states at the current timestep: keys from the plain
-   states, values from the bypassed states, in the positive rows only. At an anchor these are the exact encodings;
-   at a timestep between anchors they are an affine blend of the layer's anchor states (weights summing to 1, see
-   `NetiState.blend_weights`). A timestep outside the anchors' range (or any timestep in exact mode that is not in
-   the grid) is encoded exactly, for its layers only, when first seen. With classifier-free guidance the pipeline
-   batches ``[negative; positive]``; the negative rows keep the pipeline's own negative-prompt states.
+3. Each `ConditionedAttnProcessor` then asks for its layer's states at the current timestep: keys from the plain states,
+   values from the bypassed states, in the positive rows only. At an anchor these are the exact encodings; at a timestep
+   between anchors they are an affine blend of all anchor rows' states (any anchor and layer; weights summing to 1, see
+   `NetiState.blend_weights`). A timestep outside the anchors' range (or any timestep in exact mode that is not in the
+   grid) is encoded exactly, for its layers only, when first seen. With classifier-free guidance the pipeline batches
+   ``[negative; positive]``; the negative rows keep the pipeline's own negative-prompt states.
 
 Why anchors: the text encoder is causal, so the steps x layers rows differ from the placeholder on and cost a full
-encoding each (20 steps x 7 layers on ``tiny``: 1.45-1.67x the base generation); 3 anchors x 7 layers: about 1.10x. Why
+encoding each (20 steps x 7 layers on ``tiny``: 1.45-1.67x the base generation); 2 anchors x 7 layers: about 1.05x. Why
 blend by the mapper and not linearly in t: a trained mapper is NOT smooth on a sampling grid (sigma_t = 0.03 gives
 Fourier periods down to ~60 timesteps; its output moves ~10% between two steps of a 20-step grid, in no consistent
 direction), so linear interpolation in t errs by about as much as the states vary. The mapper itself is cheap, so its
-exact outputs at every (t, layer) are known: the blend weights are those whose affine combination of the anchors' mapper
-outputs best matches the mapper output at t (least squares), and the same combination of the anchors' states stands in
-for the encoder's output. On trained ``tiny`` concepts that lowers the states' largest error (by up to half) and cuts
-the images' mean difference from the exact ones 2-10x at 3-5 anchors; numbers per K are in `bench/bench_neti.py`.
+exact outputs at every (t, layer) are known, and the text encoder sees nothing but them: the blend weights are those
+whose affine combination of the anchor rows' mapper outputs best matches the mapper output at (t, layer) (least
+squares), and the same combination of the anchor rows' states stands in for the encoder's output. Using every layer's
+anchors, not only the layer's own, matters: on trained ``tiny`` concepts at 2 anchors the images' mean difference from
+the exact ones is 1.7-3.1/255 with all rows, 6.5-13 with the layer's own, 5-16 linear in t; numbers per K are in
+`bench/bench_neti.py`.
 
 Results are cached per adapter by (prompt, truncation, text-encoder state) and hold the EXACT states of every timestep
 encoded so far; blended states are derived per request and never cached, so the cache does not depend on
@@ -65,11 +67,14 @@ logger = logging.getLogger(__name__)
 
 KIND = "neti"
 OPTIONS = ("truncation", "time_anchors")
-DEFAULT_TIME_ANCHORS = 3
+DEFAULT_TIME_ANCHORS = 2
 """Timesteps per layer encoded exactly for a new prompt (the rest blended from them); 0 = every timestep. Chosen on
-``tiny`` (`bench/bench_neti.py`): 3 keeps a new prompt at about 1.10x of the base generation there; 2 is hardly
-cheaper and its images stray 7-13/255 from the exact ones (3: 1.4-3.2).
+``tiny`` (`bench/bench_neti.py`, 20 steps): 2 (the grid's ends) costs about 1.05x the base generation with images
+1.7-3.1/255 from the exact ones; 3 gives 0.7-1.4/255 but about 1.09x, at the 1.10x target under background load.
 Not the mapper's own ``MapperSpec.time_anchors`` (the timesteps its first layer is initialised at)."""
+CROSS_RIDGE = 1e-3
+"""Ridge of the cross-layer blend, relative to the anchor rows' mean squared spread (see `NetiState.blend_weights`);
+chosen on a trained ``tiny`` concept: 1e-3 to 1e-2 fit best, 1 falls back most of the way to the layer's own anchors."""
 BLEND_CACHE_SIZE = 16
 """Blend weights kept per adapter, by (blend, truncation, anchors, grid); tiny (steps x layers x anchors values)."""
 CACHE_BYTES = 1024**3
@@ -150,8 +155,9 @@ class NetiKind:
         """Batched text-encoder passes run so far (tests and benchmarks read it)."""
         self._blend_cache: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
         self.blend = "mapper"
-        """How a timestep between anchors combines the anchors' states: ``mapper`` (weights fitted to the mapper's
-        outputs) or ``linear`` (linear in t between the two neighbouring anchors; kept to compare, see the bench)."""
+        """How a timestep between anchors combines the anchors' states (`NetiState.blend_weights`): ``mapper`` (all
+        anchor rows, weights fitted to the mapper's outputs), or, kept to compare in the bench, ``layer`` (the layer's
+        own anchors, fitted) and ``linear`` (linear in t between the layer's two neighbouring anchors)."""
 
     @classmethod
     def from_adapter(cls, adapter: AdapterFile, base_model: Any) -> NetiKind:
@@ -295,7 +301,8 @@ class NetiState(ConditioningState):
         """This request's anchor timesteps, ascending (set on first use; the whole grid in exact mode)."""
         self.interpolating = False
         self._stacked: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
-        """The anchors' plain states ``[L, K, T * D]`` and bypassed rows ``[L, K, S * D]``, float32."""
+        """Every anchor row's plain states ``[K * L, T * D]`` and bypassed rows ``[K * L, S * D]`` (row ``k * L + l``:
+        anchor k, layer l), float32."""
         self._weights: dict[float, torch.Tensor] = {}
         self._rows: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         """The current U-Net call's timestep, its states and every layer's keys and values (`_all_layer_rows`)."""
@@ -322,9 +329,10 @@ class NetiState(ConditioningState):
         self._encode(chosen)
         self.anchors = sorted(set(chosen))
         if self.interpolating:
-            # [L, K, rest] float32 (fp16 arithmetic is not on every CPU build): one batched matmul per timestep.
+            # Every anchor row, anchor-major ([K * L, rest], float32: fp16 arithmetic is not on every CPU build), so
+            # one matrix product blends a timestep's layers from any of them.
             self._stacked = tuple(
-                torch.stack([table[t].float() for t in self.anchors], dim=1).flatten(2)
+                torch.stack([table[t].float() for t in self.anchors]).flatten(2).flatten(0, 1)
                 for table in (self.entry.plain, self.entry.bypass)
             )
             between = [t for t in grid if t not in self.anchors and self.anchors[0] < t < self.anchors[-1]]
@@ -354,41 +362,67 @@ class NetiState(ConditioningState):
             return self.entry.plain[timestep], self.entry.bypass[timestep]
         if timestep not in self._weights:
             self._weights[timestep] = self.blend_weights([timestep])[0]
-        weights = self._weights[timestep].to(self._stacked[0].device, self._stacked[0].dtype)[:, None]  # [L, 1, K]
+        weights = self._weights[timestep].to(self._stacked[0].device, self._stacked[0].dtype)  # [L, K * L]
         exact_plain, exact_bypass = self.entry.plain[anchors[0]], self.entry.bypass[anchors[0]]
-        plain, bypass = (torch.bmm(weights, stacked) for stacked in self._stacked)
+        plain, bypass = (weights @ stacked for stacked in self._stacked)
         return plain.reshape(exact_plain.shape).to(exact_plain.dtype), bypass.reshape(exact_bypass.shape).to(
             exact_bypass.dtype
         )
 
     def blend_weights(self, timesteps: Sequence[float]) -> torch.Tensor:
-        """Per timestep and layer, the weights ``[len(timesteps), L, K]`` (summing to 1) of the K anchors' states.
+        """Per timestep and layer, the weights ``[len(timesteps), L, K * L]`` (summing to 1) of the anchor rows' states
+        (row ``k * L + l``: anchor k, layer l).
 
-        ``mapper``: the affine combination of the layer's anchor mapper outputs m(a_k, l) closest (least squares) to
-        m(t, l), with m the mapper's embeddings and bypass vectors (`NetiKind.mapper_features`); the same
-        combination of the anchors' encoder states then stands in for the encoding at t. A mapper linear in its
-        outputs' span gets its states to first order; a mapper constant in t gets them exactly. ``linear``: the
-        linear interpolation in t between the two neighbouring anchors, the same for every layer.
+        The text encoder sees only the mapper's output m(t, l) (embeddings and bypass vectors,
+        `NetiKind.mapper_features`), not t or l, so any anchor row can stand in for any (t, l). ``mapper`` (the
+        default): start from the ``layer`` weights, then the affine combination of ALL anchor rows' m closest (least
+        squares) to m(t, l), with a small ridge (`CROSS_RIDGE`) pulling towards the ``layer`` weights; the same
+        combination of the rows' encoder states stands in for the encoding at (t, l). ``layer``: the same fit over the
+        layer's own K anchors only. ``linear``: the linear interpolation in t between the layer's two neighbouring
+        anchors. A mapper constant in t gets exact states from the two mapper blends.
         """
         anchors = self.anchors or []
         count, n_layers = len(anchors), self.kind.spec.n_layers
+        rows = count * n_layers
+        own = torch.zeros(len(timesteps), n_layers, count, dtype=torch.float64)
+        features = None
         if self.kind.blend == "linear":
-            weights = torch.zeros(len(timesteps), n_layers, count, dtype=torch.float64)
             for row, t in enumerate(timesteps):
                 upper = next(index for index, anchor in enumerate(anchors) if anchor > t)
                 share = (t - anchors[upper - 1]) / (anchors[upper] - anchors[upper - 1])
-                weights[row, :, upper - 1], weights[row, :, upper] = 1 - share, share
+                own[row, :, upper - 1], own[row, :, upper] = 1 - share, share
+        else:
+            features = self.kind.mapper_features([*anchors, *timesteps], self.truncation)  # [K + M, L, F]
+            origin = features[0]  # [L, F]
+            directions = (features[1:count] - origin).transpose(0, 1)  # [L, K-1, F]
+            targets = (features[count:] - origin).transpose(0, 1)  # [L, M, F]
+            gram = directions @ directions.transpose(1, 2)
+            # A vanishing ridge keeps the solve defined when anchors coincide (a mapper constant in t: anchor 0).
+            scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
+            ridge = 1e-9 * scale * torch.eye(count - 1, dtype=gram.dtype)
+            steps = torch.linalg.solve(gram + ridge, directions @ targets.transpose(1, 2)).permute(2, 0, 1)
+            own = torch.cat([1 - steps.sum(dim=-1, keepdim=True), steps], dim=-1)  # [M, L, K]
+        # Spread over all anchor rows: layer l's own anchors are rows k * L + l.
+        weights = torch.zeros(len(timesteps), n_layers, count, n_layers, dtype=torch.float64)
+        weights.diagonal(dim1=1, dim2=3).copy_(own.transpose(1, 2))
+        weights = weights.reshape(len(timesteps), n_layers, rows)
+        if self.kind.blend != "mapper" or features is None:
             return weights
-        features = self.kind.mapper_features([*anchors, *timesteps], self.truncation)
-        origin = features[0]  # [L, F]
-        directions = (features[1:count] - origin).transpose(0, 1)  # [L, K-1, F]
-        targets = (features[count:] - origin).transpose(0, 1)  # [L, M, F]
-        gram = directions @ directions.transpose(1, 2)
-        # A vanishing ridge keeps the solve defined when anchors coincide (a mapper constant in t: weights on anchor 0).
-        scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
-        ridge = 1e-9 * scale * torch.eye(count - 1, dtype=gram.dtype)
-        steps = torch.linalg.solve(gram + ridge, directions @ targets.transpose(1, 2)).permute(2, 0, 1)  # [M, L, K-1]
-        return torch.cat([1 - steps.sum(dim=-1, keepdim=True), steps], dim=-1)
+        # Cross-layer refinement: w = w_layer + delta with sum(delta) = 0, minimising
+        # |basis^T w - m(t, l)|^2 + ridge |delta|^2 (one KKT system, the same matrix for every (t, l)).
+        basis = features[:count].reshape(rows, -1)  # [K * L, F]
+        residual = features[count:] - weights @ basis  # [M, L, F]
+        centred = basis - basis.mean(dim=0)  # sum(delta) = 0 makes the fit blind to a common shift
+        gram = centred @ centred.T
+        ridge = max(CROSS_RIDGE * float(gram.trace()) / rows, 1e-30)
+        kkt = torch.zeros(rows + 1, rows + 1, dtype=torch.float64)
+        kkt[:rows, :rows] = gram + ridge * torch.eye(rows, dtype=torch.float64)
+        kkt[:rows, rows] = 1.0
+        kkt[rows, :rows] = 1.0
+        rhs = torch.zeros(rows + 1, residual.shape[0] * n_layers, dtype=torch.float64)
+        rhs[:rows] = centred @ residual.reshape(-1, residual.shape[-1]).T
+        delta = torch.linalg.solve(kkt, rhs)[:rows].T.reshape(len(timesteps), n_layers, rows)
+        return weights + delta
 
     def key_value_states(self, call: LayerCall) -> KeyValueStates | None:
         """Plain states for the keys and bypassed states for the values of this layer and timestep."""
