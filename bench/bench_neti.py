@@ -1,7 +1,7 @@
-"""Benchmark NeTI generation: time with a NeTI concept vs without, the reference design's cost, and what the time
-anchors cost in image fidelity, in one run.
+"""Benchmark NeTI generation: time with a NeTI concept vs without, the reference design's cost, and what fewer
+``encode_steps`` cost in image fidelity, in one run.
 
-Run: ``python bench/bench_neti.py [--steps 20] [--rounds 5] [--time-anchors 0,8,5,3,2]`` (``--gpu`` to use CUDA when
+Run: ``python bench/bench_neti.py [--steps 20] [--rounds 5] [--encode-steps 0,8,5,3,2]`` (``--gpu`` to use CUDA when
 present). The base model is ``studio/assets/tiny`` when built, else the random tiny SD1.x pipeline. The concept is
 ``--adapter FILE``, else a NeTI concept trained here on robot-toy with `eval_neti.TINY_PRESET` for
 ``--train-steps`` steps (100 by default, about 15 s: short, but enough to make the mapper's dependence on t that of a
@@ -14,55 +14,56 @@ to show the spread.
 Timing rows:
 
 - ``base``: no adapter.
-- ``neti (cold, K=...)``: a new prompt every round, so the mapper and the text encoder run inside the request: K time
-  anchors per layer (``exact``: every timestep of the grid, steps x layers rows) in one batched call each, the other
-  timesteps blended from the anchors' states (`pipelines.kinds.neti.NetiState.blend_weights`). The row with the
-  default K (`DEFAULT_TIME_ANCHORS`) is the one checked against the target.
+- ``neti (cold, encode_steps=K)``: a new prompt every round, so the mapper and the text encoder run inside the
+  request: the generation option ``encode_steps=K`` (the text encoder runs exactly at K timesteps of the grid, its ends
+  included, for every layer; ``exact``: K = 0, every timestep, steps x layers rows) in one batched call each, the other
+  timesteps blended from those anchors' states (`pipelines.kinds.neti.NetiState.blend_weights`). The row with the
+  default K (`DEFAULT_ENCODE_STEPS`) is the one checked against the target.
 - ``neti (warm)``: the same request again (default K): the anchors come from the cache.
 - ``reference``: the reference design's cost: one text-encoder call per timestep and layer (steps x layers calls of
   one prompt each) and unbatched guidance (the U-Net runs the negative and the positive prompt separately), in a
   denoising loop of the same scheduler and steps.
 
-Fidelity rows (``--quality-prompts`` prompts x ``--quality-seeds`` seeds, same requests with K anchors vs exact): mean
-absolute pixel difference (0-255) and PSNR of the final images, the largest per-image mean difference, and the largest
-relative error (Frobenius norm, per timestep and layer) of the plain and bypassed conditioning states; for the default
-blend (``mapper``: every anchor row, weights fitted to the mapper's outputs) and, to compare, ``layer`` (the layer's own
-anchors, fitted) and ``linear`` (linear in t between the layer's two neighbouring anchors). ``neti vs base`` is the same
-measure between the exact NeTI image and the base model with the class word, for scale.
+Fidelity rows (``--quality-prompts`` prompts x ``--quality-seeds`` seeds, same requests with ``encode_steps=K`` vs
+exact): mean absolute pixel difference (0-255) and PSNR of the final images, the largest per-image mean difference, and
+the largest relative error (Frobenius norm, per timestep and layer) of the plain and bypassed conditioning states; for
+the default blend (``mapper``: every anchor row, weights fitted to the mapper's outputs) and, to compare, ``layer`` (the
+layer's own anchors, fitted) and ``linear`` (linear in t between the layer's two neighbouring anchors). ``neti vs
+base`` is the same measure between the exact NeTI image and the base model with the class word, for scale.
 
 Target: ``neti (cold, default K) / base <= 1.10``. Measured on a 2-core CPU box shared with one or two other busy
 processes (``OMP_NUM_THREADS=1 python bench/bench_neti.py --rounds 5``; 20 steps on ``tiny``, 7 cross-attention
-layers; robot-toy trained 100 steps in 15 s)::
+layers; robot-toy trained 100 steps in 15 s; recorded when the option was still ``time_anchors``, rows relabelled)::
 
-    row                     median CPU s   x base  text-encoder rows per request (batched calls)
-    base                           0.592     1.00  1 (+1 negative)
-    neti (cold, K=exact)           0.876     1.48  140 (1 call)
-    neti (cold, K=8)               0.697     1.18  56 (1 call)
-    neti (cold, K=5)               0.669     1.13  35 (1 call)
-    neti (cold, K=3)               0.637     1.08  21 (1 call)
-    neti (cold, K=2)               0.636     1.07  14 (1 call)  <- default
-    neti (warm)                    0.637     1.08  0
-    reference                      2.816     4.76  140 (one per call)
+    row                               median CPU s   x base  text-encoder rows per request (batched calls)
+    base                                     0.592     1.00  1 (+1 negative)
+    neti (cold, encode_steps=exact)          0.876     1.48  140 (1 call)
+    neti (cold, encode_steps=8)              0.697     1.18  56 (1 call)
+    neti (cold, encode_steps=5)              0.669     1.13  35 (1 call)
+    neti (cold, encode_steps=3)              0.637     1.08  21 (1 call)
+    neti (cold, encode_steps=2)              0.636     1.07  14 (1 call)  <- default
+    neti (warm)                              0.637     1.08  0
+    reference                                2.816     4.76  140 (one per call)
     fidelity vs exact (3 prompts x 2 seeds, 20 steps): mean |pixel diff| (0-255), PSNR (dB), worst image's mean
     |diff|, max relative state error (plain / bypassed), per blend
-    K=8 mapper               0.362    50.69   0.588    0.0158 / 0.0159
-    K=5 mapper               0.419    49.65   0.574    0.0510 / 0.0509
-    K=3 mapper               1.253    40.92   2.032    0.0632 / 0.0630
-    K=2 mapper               1.744    39.18   2.740    0.1024 / 0.1024  <- default
-    K=8 layer                0.961    43.22   2.043    0.0323 / 0.0322
-    K=5 layer                1.307    41.47   2.774    0.0619 / 0.0616
-    K=3 layer                1.439    39.52   2.155    0.1016 / 0.1016
-    K=2 layer                7.378    27.46  13.709    0.1737 / 0.1746
-    K=8 linear               1.087    42.01   1.999    0.0722 / 0.0730
-    K=5 linear               6.623    28.96  11.800    0.1137 / 0.1146
-    K=3 linear               2.959    33.96   4.436    0.1159 / 0.1168
-    K=2 linear              12.869    22.32  26.904    0.2316 / 0.2329
-    neti vs base (scale)    48.795    12.00  70.155
-    neti (cold, K=2) / base per round: 0.97 1.11 1.05 1.07 1.18
-    neti (cold, K=2) / base = 1.075 (target <= 1.10): OK
+    encode_steps=8 mapper      0.362    50.69   0.588    0.0158 / 0.0159
+    encode_steps=5 mapper      0.419    49.65   0.574    0.0510 / 0.0509
+    encode_steps=3 mapper      1.253    40.92   2.032    0.0632 / 0.0630
+    encode_steps=2 mapper      1.744    39.18   2.740    0.1024 / 0.1024  <- default
+    encode_steps=8 layer       0.961    43.22   2.043    0.0323 / 0.0322
+    encode_steps=5 layer       1.307    41.47   2.774    0.0619 / 0.0616
+    encode_steps=3 layer       1.439    39.52   2.155    0.1016 / 0.1016
+    encode_steps=2 layer       7.378    27.46  13.709    0.1737 / 0.1746
+    encode_steps=8 linear      1.087    42.01   1.999    0.0722 / 0.0730
+    encode_steps=5 linear      6.623    28.96  11.800    0.1137 / 0.1146
+    encode_steps=3 linear      2.959    33.96   4.436    0.1159 / 0.1168
+    encode_steps=2 linear     12.869    22.32  26.904    0.2316 / 0.2329
+    neti vs base (scale)      48.795    12.00  70.155
+    neti (cold, encode_steps=2) / base per round: 0.97 1.11 1.05 1.07 1.18
+    neti (cold, encode_steps=2) / base = 1.075 (target <= 1.10): OK
 
 The timing ratios move with the other processes' load by about +-0.05 (single rounds 0.97-1.18 above). Over five runs of
-this code (this one and ``--quality-prompts 0 --time-anchors 0,3,2 --no-reference``, random or trained mapper): K=2
+this code (this one and ``--quality-prompts 0 --encode-steps 0,3,2 --no-reference``, random or trained mapper): K=2
 1.075, 1.04, 1.106, 1.048, 1.063 (median 1.063), K=3 1.08, 1.09, 1.07, 1.06, 1.02 (median 1.07), exact 1.43-1.69, warm
 1.01-1.08. Measured apart, a cold K=3 request adds 35-45 ms of CPU to a 0.6 s generation, ~40 ms of it the 21-row
 text-encoder batch (near the core's matmul peak); K=2 saves about a third of that; a warm request adds ~5 ms.
@@ -76,7 +77,7 @@ vs base 56.3. So at the default K=2 the images stay within 1.7-3.1 of 255 of the
 Blending from every layer's anchors is what makes 2 anchors enough: with the layer's own anchors only, K=2 strays
 6.5-13.
 
-At 50 steps (``--steps 50 --rounds 1 --no-reference --time-anchors 5,3,2``) the cost ratio of every K is within noise of
+At 50 steps (``--steps 50 --rounds 1 --no-reference --encode-steps 5,3,2``) the cost ratio of every K is within noise of
 1.0 (K=5 1.07), and the images are more sensitive: mean |diff| 2.31 (K=5), 3.49 (K=3), 1.79 (K=2) with the default blend
 while the states' error falls with K (0.108, 0.079, 0.042 at K=2, 3, 5); one of the six images moves by 10-13 of 255 at
 K=3 and 5, so there the sampler, not the blend, sets the floor.
@@ -102,7 +103,7 @@ import torch  # noqa: E402
 from eval_neti import TINY_PRESET  # noqa: E402
 
 from pipelines.kinds.conditioning import ConditioningState, KeyValueStates, LayerCall  # noqa: E402
-from pipelines.kinds.neti import DEFAULT_TIME_ANCHORS, NetiKind, NetiState  # noqa: E402
+from pipelines.kinds.neti import DEFAULT_ENCODE_STEPS, NetiKind, NetiState  # noqa: E402
 from pipelines.requests import AdapterRef, GenerationRequest  # noqa: E402
 from pipelines.service import PipelineService  # noqa: E402
 from studio.adapter_files import load_adapter, save_adapter  # noqa: E402
@@ -182,14 +183,14 @@ def measure(fn: Callable[[], Any], cuda: bool) -> float:
     return time.process_time() - start
 
 
-def anchors_label(anchors: int) -> str:
+def steps_label(encode_steps: int) -> str:
     """``exact`` for 0, else the number."""
-    return "exact" if anchors == 0 else str(anchors)
+    return "exact" if encode_steps == 0 else str(encode_steps)
 
 
-def neti_ref(anchors: int) -> AdapterRef:
-    """The bench adapter with ``anchors`` time anchors."""
-    return AdapterRef(NAME, options={"time_anchors": float(anchors)})
+def neti_ref(encode_steps: int) -> AdapterRef:
+    """The bench adapter with the generation option ``encode_steps``."""
+    return AdapterRef(NAME, options={"encode_steps": float(encode_steps)})
 
 
 @contextmanager
@@ -269,7 +270,7 @@ def fidelity(
     n_seeds: int,
     steps: int,
 ) -> None:
-    """Print the fidelity rows: the same requests with K anchors vs exact, per blend (see the module docstring)."""
+    """Print the fidelity rows: the same requests with ``encode_steps=K`` vs exact, per blend (module docstring)."""
     # The exact request first: the cache then holds every timestep, so the anchored ones encode nothing.
     seeds = list(range(1, n_seeds + 1))
     prompts = [f"a {token} on a {colour} background" for colour in QUALITY_BACKGROUNDS[:n_prompts]]
@@ -300,11 +301,11 @@ def fidelity(
     for blend, anchors in cases:
         diff, psnr, worst = image_difference(by_case[blend, anchors], exact_images)
         plain, bypassed = errors[blend, anchors]
-        mark = "  <- default" if anchors == DEFAULT_TIME_ANCHORS and blend == "mapper" else ""
-        label = f"K={anchors_label(anchors)} {blend}"
-        print(f"{label:<22}{diff:>8.3f}{psnr:>9.2f}{worst:>8.3f}{plain:>10.4f} / {bypassed:.4f}{mark}")
+        mark = "  <- default" if anchors == DEFAULT_ENCODE_STEPS and blend == "mapper" else ""
+        label = f"encode_steps={steps_label(anchors)} {blend}"
+        print(f"{label:<24}{diff:>8.3f}{psnr:>9.2f}{worst:>8.3f}{plain:>10.4f} / {bypassed:.4f}{mark}")
     diff, psnr, worst = image_difference(exact_images, base_images)
-    print(f"{'neti vs base (scale)':<22}{diff:>8.3f}{psnr:>9.2f}{worst:>8.3f}")
+    print(f"{'neti vs base (scale)':<24}{diff:>8.3f}{psnr:>9.2f}{worst:>8.3f}")
 
 
 def main() -> None:
@@ -317,7 +318,7 @@ def main() -> None:
         "--train-steps", type=int, default=100, help="steps of the concept trained here without --adapter (0: random)"
     )
     parser.add_argument(
-        "--time-anchors", default="0,8,5,3,2", help="K values of the cold rows (0 = exact); the default K is added"
+        "--encode-steps", default="0,8,5,3,2", help="encode_steps of the cold rows (0 = exact); the default is added"
     )
     parser.add_argument(
         "--quality-prompts", type=int, default=3, help="prompts of the fidelity rows (at most 4; 0: no fidelity rows)"
@@ -330,9 +331,9 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch CPU threads (1: CPU time then counts work, not spinning)"
     )
     args = parser.parse_args()
-    anchor_values = [int(value) for value in args.time_anchors.split(",")]
-    if DEFAULT_TIME_ANCHORS not in anchor_values:
-        anchor_values.append(DEFAULT_TIME_ANCHORS)
+    anchor_values = [int(value) for value in args.encode_steps.split(",")]
+    if DEFAULT_ENCODE_STEPS not in anchor_values:
+        anchor_values.append(DEFAULT_ENCODE_STEPS)
 
     device = "cuda" if args.gpu and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
@@ -371,11 +372,11 @@ def main() -> None:
 
     warm_prompt = f"a {token} on a blue background"
     base_prompt = warm_prompt.replace(token, class_word)
-    default_ref = neti_ref(DEFAULT_TIME_ANCHORS)
+    default_ref = neti_ref(DEFAULT_ENCODE_STEPS)
     service.generate(request(warm_prompt, [default_ref]))  # load the adapter, fill the warm cache, warm up kernels
     service.generate(request(base_prompt, []))
     kind = service._kinds[NAME]
-    cold_rows = {anchors: f"neti (cold, K={anchors_label(anchors)})" for anchors in anchor_values}
+    cold_rows = {anchors: f"neti (cold, encode_steps={steps_label(anchors)})" for anchors in anchor_values}
     times: dict[str, list[float]] = {"base": [], **{row: [] for row in cold_rows.values()}}
     times.update({"neti (warm)": [], "reference": []})
     cuda = device == "cuda"
@@ -401,7 +402,7 @@ def main() -> None:
         f"{args.steps} steps, guidance {args.guidance}, {args.images} image(s) per request, {args.rounds} rounds, "
         f"{torch.get_num_threads()} thread(s); concept: {concept_note}"
     )
-    print(f"{'row':<22}{'median ' + unit:>14}{'x base':>9}  text-encoder rows per request (batched calls)")
+    print(f"{'row':<32}{'median ' + unit:>14}{'x base':>9}  text-encoder rows per request (batched calls)")
     calls = {"base": "1 (+1 negative)", "neti (warm)": "0", "reference": f"{args.steps * layers} (one per call)"}
     for anchors, row in cold_rows.items():
         rows = layers * (args.steps if anchors == 0 else min(anchors, args.steps))
@@ -409,8 +410,8 @@ def main() -> None:
     for row, values in times.items():
         if values:
             median = statistics.median(values)
-            mark = "  <- default" if row == cold_rows[DEFAULT_TIME_ANCHORS] else ""
-            print(f"{row:<22}{median:>14.3f}{median / base_time:>9.2f}  {calls[row]}{mark}")
+            mark = "  <- default" if row == cold_rows[DEFAULT_ENCODE_STEPS] else ""
+            print(f"{row:<32}{median:>14.3f}{median / base_time:>9.2f}  {calls[row]}{mark}")
 
     if args.quality_prompts > 0:
         fidelity(
@@ -425,13 +426,13 @@ def main() -> None:
             args.steps,
         )
 
-    default_times = times[cold_rows[DEFAULT_TIME_ANCHORS]]
+    default_times = times[cold_rows[DEFAULT_ENCODE_STEPS]]
     ratio = statistics.median(default_times) / base_time
     verdict = "OK" if ratio <= TARGET_RATIO else "ABOVE TARGET"
     # The spread of the same ratio within each round shows how much background load moves it.
     per_round = " ".join(f"{cold / base:.2f}" for cold, base in zip(default_times, times["base"], strict=True))
-    print(f"neti (cold, K={DEFAULT_TIME_ANCHORS}) / base per round: {per_round}")
-    print(f"neti (cold, K={DEFAULT_TIME_ANCHORS}) / base = {ratio:.3f} (target <= {TARGET_RATIO:.2f}): {verdict}")
+    print(f"{cold_rows[DEFAULT_ENCODE_STEPS]} / base per round: {per_round}")
+    print(f"{cold_rows[DEFAULT_ENCODE_STEPS]} / base = {ratio:.3f} (target <= {TARGET_RATIO:.2f}): {verdict}")
 
 
 if __name__ == "__main__":

@@ -244,15 +244,15 @@ def test_second_identical_request_hits_the_cache(service):
     hook = service.pipeline.text_encoder.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
         prompt = f"a {TOKEN} in the snow"
-        first = _image(service, "toy:time_anchors=0", prompt=prompt)
+        first = _image(service, "toy:encode_steps=0", prompt=prompt)
         neti_calls = [n for n in rows if n > 1]
         assert neti_calls == [STEPS * len(service.layer_names)], "one batched text-encoder call for all (t, layer)"
         rows.clear()
-        assert np.array_equal(_image(service, "toy:time_anchors=0", prompt=prompt), first)
+        assert np.array_equal(_image(service, "toy:encode_steps=0", prompt=prompt), first)
         assert all(n == 1 for n in rows), "only the pipeline's own prompt encoding runs again"
         # Another scheduler and step count: computed on first use, in one batch again (every timestep: exact mode).
         rows.clear()
-        service.generate(_request("toy:time_anchors=0", prompt=prompt, scheduler="euler", steps=4))
+        service.generate(_request("toy:encode_steps=0", prompt=prompt, scheduler="euler", steps=4))
         assert [n for n in rows if n > 1] == [4 * len(service.layer_names)]
     finally:
         hook.remove()

@@ -1,4 +1,4 @@
-"""NeTI time anchors: a new prompt encodes K anchor timesteps per layer and interpolates the rest linearly in t."""
+"""NeTI `encode_steps`: a new prompt encodes K timesteps (anchors) per layer exactly and blends the rest from them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from test_pipeline_helpers import pixels, tiny_base, write
 
 from pipelines.kinds.conditioning import ConditioningRequest
-from pipelines.kinds.neti import CROSS_RIDGE, DEFAULT_TIME_ANCHORS, NetiKind, NetiState, anchor_indices
+from pipelines.kinds.neti import CROSS_RIDGE, DEFAULT_ENCODE_STEPS, NetiKind, NetiState, anchor_indices
 from pipelines.requests import AdapterRef, GenerationRequest
 from pipelines.service import PipelineService
 from studio.base_models import BaseModel
@@ -96,7 +96,7 @@ def test_anchor_indices_spread_over_the_grid_with_both_ends():
 
 @pytest.mark.parametrize("anchors", [0, 6, 9])
 def test_enough_anchors_give_the_exact_states(kind, base, anchors):
-    state = _state(kind, base, 6, time_anchors=float(anchors))
+    state = _state(kind, base, 6, encode_steps=float(anchors))
     grid = _grid(state)
     plain, bypassed = _exact(kind, grid)
     slots = state.entry.slots
@@ -110,7 +110,7 @@ def test_k_anchors_run_the_text_encoder_once_with_k_times_layers_rows(kind, base
     layers = kind.spec.n_layers
     rows, hook = _encoder_rows(base)
     try:
-        state = _state(kind, base, 10, time_anchors=3.0)
+        state = _state(kind, base, 10, encode_steps=3.0)
         for t in _grid(state):
             state.states_at(t)
     finally:
@@ -122,7 +122,7 @@ def test_k_anchors_run_the_text_encoder_once_with_k_times_layers_rows(kind, base
 
 def test_anchor_states_are_exact_and_with_the_linear_blend_linear_in_t_between(kind, base):
     kind.blend = "linear"
-    state = _state(kind, base, 10, time_anchors=3.0)
+    state = _state(kind, base, 10, encode_steps=3.0)
     grid = _grid(state)
     state.states_at(grid[0])
     anchors = state.anchors
@@ -156,7 +156,7 @@ def _anchor_rows(state: NetiState, table: dict[float, torch.Tensor]) -> torch.Te
 @pytest.mark.parametrize("blend", ["layer", "mapper"])
 def test_the_blend_fits_the_mapper_outputs_and_combines_the_anchor_states_alike(kind, base, blend):
     kind.blend = blend
-    state = _state(kind, base, 10, time_anchors=4.0)
+    state = _state(kind, base, 10, encode_steps=4.0)
     grid = _grid(state)
     state.states_at(grid[0])
     anchors = state.anchors
@@ -208,7 +208,7 @@ def test_a_mapper_constant_in_t_is_blended_exactly(adapter, base, blend):
     constant.blend = blend
     with torch.no_grad():
         constant.mapper.w[:, 0] = 0  # no time frequency: every timestep gets the same conditioning
-    state = _state(constant, base, 8, time_anchors=2.0)
+    state = _state(constant, base, 8, encode_steps=2.0)
     grid = _grid(state)
     plain, _ = _exact(constant, grid)
     for index, t in enumerate(grid):
@@ -216,7 +216,7 @@ def test_a_mapper_constant_in_t_is_blended_exactly(adapter, base, blend):
 
 
 def test_a_timestep_outside_the_anchors_range_is_encoded_exactly(kind, base):
-    state = _state(kind, base, 10, time_anchors=2.0)
+    state = _state(kind, base, 10, encode_steps=2.0)
     grid = _grid(state)
     state.states_at(grid[3])
     outside = min(grid) - 7.0
@@ -228,19 +228,19 @@ def test_a_timestep_outside_the_anchors_range_is_encoded_exactly(kind, base):
 def test_the_default_is_the_documented_one(kind, base):
     state = _state(kind, base, 10)
     state.states_at(_grid(state)[0])
-    assert state.time_anchors == DEFAULT_TIME_ANCHORS and len(state.anchors) == DEFAULT_TIME_ANCHORS
+    assert state.encode_steps == DEFAULT_ENCODE_STEPS and len(state.anchors) == DEFAULT_ENCODE_STEPS
 
 
 @pytest.mark.parametrize("value", ["1", "2.5", "-3"])
-def test_a_bad_time_anchors_value_is_a_one_line_error(kind, value):
+def test_a_bad_encode_steps_value_is_a_one_line_error(kind, value):
     with pytest.raises(InvalidInputError) as error:
-        kind.time_anchors_of({"time_anchors": float(value)}, "toy")
+        kind.encode_steps_of({"encode_steps": float(value)}, "toy")
     message = str(error.value)
-    assert "\n" not in message and "time_anchors" in message and f"got {float(value):g}" in message
+    assert "\n" not in message and "encode_steps" in message and f"got {float(value):g}" in message
     assert "expects 0" in message
 
 
-def test_time_anchors_through_the_service_and_the_cli_syntax(tmp_path, adapter):
+def test_encode_steps_through_the_service_and_the_cli_syntax(tmp_path, adapter):
     write(tmp_path, "toy", adapter)
     service = PipelineService(tiny_base(), adapter_source=tmp_path)
     layers = len(service.layer_names)
@@ -253,30 +253,30 @@ def test_time_anchors_through_the_service_and_the_cli_syntax(tmp_path, adapter):
 
     rows, hook = _encoder_rows(service.base_model)
     try:
-        exact = image("toy:time_anchors=0")
+        exact = image("toy:encode_steps=0")
         assert [n for n in rows if n > 1] == [6 * layers]
         rows.clear()
         # The exact request left every timestep in the cache: the anchors are there, the rest is interpolated.
-        anchored = image("toy:truncation=128,time_anchors=2")
+        anchored = image("toy:truncation=128,encode_steps=2")
         assert [n for n in rows if n > 1] == []
         assert not np.array_equal(anchored, exact)
-        assert np.array_equal(image("toy:time_anchors=6"), exact), "as many anchors as steps is exact"
+        assert np.array_equal(image("toy:encode_steps=6"), exact), "as many anchors as steps is exact"
         # A repeated anchored request: neither the text encoder nor the mapper runs (blend weights are kept per grid).
         mapper_calls: list[int] = []
         kind = service._kinds["toy"]
         mapper_hook = kind.mapper.register_forward_pre_hook(lambda module, args: mapper_calls.append(1))
         try:
-            assert np.array_equal(image("toy:time_anchors=2"), anchored)
+            assert np.array_equal(image("toy:encode_steps=2"), anchored)
         finally:
             mapper_hook.remove()
         assert mapper_calls == [] and [n for n in rows if n > 1] == []
         rows.clear()
-        image("toy:time_anchors=2", steps=7, prompt=f"a {TOKEN} in the snow")
+        image("toy:encode_steps=2", steps=7, prompt=f"a {TOKEN} in the snow")
         assert [n for n in rows if n > 1] == [2 * layers], "a new prompt: one call, anchors x layers rows"
     finally:
         hook.remove()
-    with pytest.raises(InvalidInputError, match="time_anchors"):
-        image("toy:time_anchors=1")
+    with pytest.raises(InvalidInputError, match="encode_steps"):
+        image("toy:encode_steps=1")
 
 
 def test_sdxl_two_encoders_blend_their_concatenated_states(tmp_path):
@@ -289,7 +289,7 @@ def test_sdxl_two_encoders_blend_their_concatenated_states(tmp_path):
     mapper = build_mapper(config, base.pipeline, SDXL, len(SDXL.cross_attention_layers(base.pipeline.unet)))
     adapter = neti_adapter(mapper.eval())
     kind = NetiKind(adapter, base)
-    state = _state(kind, base, 6, time_anchors=2.0)
+    state = _state(kind, base, 6, encode_steps=2.0)
     grid = _grid(state)
     plain, _ = _exact(kind, grid)
     state.states_at(grid[1])
@@ -303,6 +303,6 @@ def test_sdxl_two_encoders_blend_their_concatenated_states(tmp_path):
     write(tmp_path, "toy-xl", adapter)
     service = PipelineService(base, adapter_source=tmp_path)
     request = GenerationRequest(
-        prompt=PROMPT, seeds=[1], steps=4, width=SIZE, height=SIZE, adapters=[AdapterRef.parse("toy-xl:time_anchors=2")]
+        prompt=PROMPT, seeds=[1], steps=4, width=SIZE, height=SIZE, adapters=[AdapterRef.parse("toy-xl:encode_steps=2")]
     )
     assert service.generate(request).images[0].size == (SIZE, SIZE)

@@ -133,6 +133,8 @@ class NetiConfig:
     sigma_t: float = 0.03
     sigma_l: float = 2.0
     time_anchors: int = 10
+    """Timesteps the mapper's first layer is initialised at (spread over training's range); not the generation option
+    ``encode_steps`` (`pipelines.kinds.neti`)."""
     hidden_width: int = 128
     bypass_alpha: float = 0.2
     nested_dropout: float = 0.5
@@ -233,6 +235,8 @@ class MapperSpec:
     sigma_t: float = 0.03
     sigma_l: float = 2.0
     time_anchors: int = 10
+    """Timesteps the mapper's first layer is initialised at (spread over training's range); not the generation option
+    ``encode_steps`` (`pipelines.kinds.neti`)."""
     num_train_timesteps: int = 1000
     hidden_width: int = 128
     bypass_alpha: float = 0.2

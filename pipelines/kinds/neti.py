@@ -2,12 +2,14 @@
 
 How a request with a NeTI concept runs (see `trainers.neti` for the mapper itself):
 
-1. `NetiKind.prepare` reads the request's options (``name:truncation=64,time_anchors=3``; defaults: the full 128
-   and `DEFAULT_TIME_ANCHORS`) and returns a `NetiState` for the prompt, unless the prompt does not mention the
-   placeholder (then nothing changes).
+1. `NetiKind.prepare` reads the request's options (``name:truncation=64,encode_steps=3``; defaults: the full 128
+   and `DEFAULT_ENCODE_STEPS`) and returns a `NetiState` for the prompt, unless the prompt does not mention the
+   placeholder (then nothing changes). ``encode_steps``: the text encoder runs exactly at this many timesteps of the
+   grid (its ends included); the others blend them; 0 = every timestep. Those timesteps are called anchors below (not
+   the mapper's own ``MapperSpec.time_anchors``, the timesteps its first layer is initialised at).
 2. On the first cross-attention call of the first U-Net call, the scheduler has set its timestep grid. The state
-   picks ``time_anchors`` anchor timesteps of that grid (spread evenly over it by index, both ends included; all of
-   them when ``time_anchors`` is 0 or at least the grid's length), evaluates the mapper for every ``(anchor, layer)``
+   picks ``encode_steps`` anchor timesteps of that grid (spread evenly over it by index, both ends included; all of
+   them when ``encode_steps`` is 0 or at least the grid's length), evaluates the mapper for every ``(anchor, layer)``
    in ONE batched call and runs each text encoder ONCE on that batch (anchors x layers prompts).
 3. Each `ConditionedAttnProcessor` then asks for its layer's states at the current timestep: keys from the plain states,
    values from the bypassed states, in the positive rows only. At an anchor these are the exact encodings; at a timestep
@@ -30,7 +32,7 @@ the exact ones is 1.7-3.1/255 with all rows, 6.5-13 with the layer's own, 5-16 l
 
 Results are cached per adapter by (prompt, truncation, text-encoder state) and hold the EXACT states of every timestep
 encoded so far; blended states are derived per request and never cached, so the cache does not depend on
-``time_anchors`` (a request with other anchors reuses the anchors it shares and encodes only the missing ones) and an
+``encode_steps`` (a request with other anchors reuses the anchors it shares and encodes only the missing ones) and an
 image never depends on what earlier requests left in the cache. A repeated request (same prompt, concept, truncation,
 timestep grid, anchors) runs neither the text encoder nor the mapper (the blend weights are kept per grid). The
 text-encoder state covers what else can change the text encoder's output for the same prompt: the embedding rows of any
@@ -66,8 +68,8 @@ from trainers.neti import ConditioningEncoder, NetiMapper, mapper_from_adapter
 logger = logging.getLogger(__name__)
 
 KIND = "neti"
-OPTIONS = ("truncation", "time_anchors")
-DEFAULT_TIME_ANCHORS = 2
+OPTIONS = ("truncation", "encode_steps")
+DEFAULT_ENCODE_STEPS = 2
 """Timesteps per layer encoded exactly for a new prompt (the rest blended from them); 0 = every timestep. Chosen on
 ``tiny`` (`bench/bench_neti.py`, 20 steps): 2 (the grid's ends) costs about 1.05x the base generation with images
 1.7-3.1/255 from the exact ones; 3 gives 0.7-1.4/255 but about 1.09x, at the 1.10x target under background load.
@@ -183,15 +185,15 @@ class NetiKind:
             )
         return None if int(value) == width else int(value)
 
-    def time_anchors_of(self, options: dict[str, float], name: str) -> int:
-        """The request's number of time anchors (0 = exact), checked: 0 or an int >= 2 (default
-        `DEFAULT_TIME_ANCHORS`)."""
+    def encode_steps_of(self, options: dict[str, float], name: str) -> int:
+        """The request's ``encode_steps`` (timesteps of the grid encoded exactly, its ends included; 0 = every
+        timestep), checked: 0 or an int >= 2 (default `DEFAULT_ENCODE_STEPS`)."""
         self._check_options(options, name)
-        value = options.get("time_anchors", DEFAULT_TIME_ANCHORS)
+        value = options.get("encode_steps", DEFAULT_ENCODE_STEPS)
         if value != int(value) or not (value == 0 or value >= 2):
             raise InvalidInputError(
-                f"NeTI time_anchors of adapter '{name}' expects 0 (every timestep exact) or an int >= 2 "
-                f"(both ends of the grid are anchors), got {value:g}"
+                f"NeTI encode_steps of adapter '{name}' expects 0 (every timestep exact) or an int >= 2 "
+                f"(both ends of the grid are encoded), got {value:g}"
             )
         return int(value)
 
@@ -199,7 +201,7 @@ class NetiKind:
         """This request's state; a no-op state when the weight is 0 or the prompt lacks the placeholder."""
         ref = request.ref
         truncation = self.truncation_of(dict(ref.options), ref.name)
-        anchors = self.time_anchors_of(dict(ref.options), ref.name)
+        encode_steps = self.encode_steps_of(dict(ref.options), ref.name)
         if ref.weight == 0:
             return ConditioningState()
         if self.spec.placeholder_token not in request.prompt:
@@ -221,7 +223,7 @@ class NetiKind:
             # Least recently used first; the current entry stays even when it alone is over the budget.
             while len(self._cache) > 1 and sum(item.nbytes() for item in self._cache.values()) > CACHE_BYTES:
                 self._cache.popitem(last=False)
-        return NetiState(self, request, prompts, truncation, entry, anchors)
+        return NetiState(self, request, prompts, truncation, entry, encode_steps)
 
     def compute(
         self,
@@ -286,14 +288,14 @@ class NetiState(ConditioningState):
         prompts: Any,
         truncation: int | None,
         entry: _Conditionings,
-        time_anchors: int = DEFAULT_TIME_ANCHORS,
+        encode_steps: int = DEFAULT_ENCODE_STEPS,
     ) -> None:
         self.kind = kind
         self.pipeline = request.pipeline
         self.prompts = prompts
         self.truncation = truncation
         self.entry = entry
-        self.time_anchors = time_anchors
+        self.encode_steps = encode_steps
         self.device = request.device
         self.dtype = request.dtype
         self.guidance = request.classifier_free_guidance
@@ -322,7 +324,7 @@ class NetiState(ConditioningState):
         """First use in this request: pick the anchors of the scheduler's grid and encode them in one batch."""
         grid_values = getattr(self.pipeline.scheduler, "timesteps", None)
         grid = list(dict.fromkeys(_timestep_key(t) for t in grid_values)) if grid_values is not None else []
-        chosen = [grid[index] for index in anchor_indices(len(grid), self.time_anchors)]
+        chosen = [grid[index] for index in anchor_indices(len(grid), self.encode_steps)]
         self.interpolating = len(chosen) < len(grid)
         if timestep not in grid:
             chosen.append(timestep)
