@@ -31,6 +31,13 @@ def test_help_lists_the_subcommands(capsys):
         assert command in out
 
 
+def test_generate_help_names_the_neti_options(capsys):
+    code, out, _ = run(capsys, "generate", "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps the help text
+    assert "truncation=64,encode_steps=3" in text and "0 = every timestep" in text
+
+
 def test_console_entry_point_runs_as_a_module():
     result = subprocess.run(
         [sys.executable, "-m", "studio.cli", "--help"], capture_output=True, text=True, timeout=120, check=False
@@ -62,11 +69,14 @@ def test_documented_spellings_parse():
             "--adapter",
             "cat:0.8",
             "--adapter",
-            "neti:truncation=64",
+            "neti:truncation=64,encode_steps=3",
         ]
         + ["--seed", "3", "--steps", "4", "--guidance", "5.5", "--num-images", "2", "--out", "o.png"]
     )
-    assert args.adapter == ["cat:0.8", "neti:truncation=64"]
+    assert args.adapter == ["cat:0.8", "neti:truncation=64,encode_steps=3"]
+    from pipelines import AdapterRef
+
+    assert [AdapterRef.parse(text).options for text in args.adapter] == [{}, {"truncation": 64.0, "encode_steps": 3.0}]
     assert (args.seed, args.steps, args.guidance, args.num_images) == (3, 4, 5.5, 2)
     args = parser.parse_args(["adapters", "export", "cat", "--format", "kohya", "--out", "x.safetensors"])
     assert (args.action, args.name, args.format, args.out) == ("export", "cat", "kohya", "x.safetensors")

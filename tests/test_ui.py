@@ -24,7 +24,7 @@ from studio.home import StudioHome
 from studio.jobs import JobContext, JobMethod, JobStore, register_method, run_worker
 from trainers.core.progress import ProgressReporter
 
-ADAPTER_HEADERS = ["adapter", "weight", "truncation", "strength", "region"]
+ADAPTER_HEADERS = ["adapter", "weight", "truncation", "encode_steps", "strength", "region"]
 
 
 def _fake_textual_inversion(context: JobContext) -> dict:
@@ -107,6 +107,24 @@ def test_generate_shows_the_image_and_saves_it_with_its_parameters(served):
     assert (metadata["regions"], metadata["region_mode"], metadata["width"]) == ("columns", "latent", 64)
 
 
+def test_the_adapter_table_gives_the_options_of_the_cli_form():
+    from pipelines import AdapterRef
+    from ui.generate import ADAPTER_COLUMNS, adapter_rows, parse_adapters
+
+    assert ADAPTER_COLUMNS == ADAPTER_HEADERS
+    rows = [["neti-cat", 0.8, "64", "3", "", ""], ["style", 1.0, "", "", "0.5", "2"], ["plain", None, "", "", "", ""]]
+    table = {"headers": ADAPTER_HEADERS, "data": rows, "metadata": None}
+    assert parse_adapters(table) == [
+        AdapterRef.parse("neti-cat:0.8,truncation=64,encode_steps=3"),
+        AdapterRef.parse("style:1,strength=0.5,region=2"),
+        AdapterRef.parse("plain"),
+    ]
+    # A new row has every option blank; a row already there keeps what was typed.
+    assert adapter_rows(["neti-cat", "new"], table) == [rows[0], ["new", 1.0, "", "", "", ""]]
+    with pytest.raises(InvalidInputError, match="expected a number for the encode_steps of adapter 'x', found 'two'"):
+        parse_adapters({"data": [["x", 1.0, "", "two", "", ""]]})
+
+
 def test_user_errors_show_as_one_line_messages(served):
     from gradio_client.exceptions import AppError
 
@@ -115,7 +133,7 @@ def test_user_errors_show_as_one_line_messages(served):
     with pytest.raises(AppError, match="width should be a multiple of 8, got 12"):
         _generate(served.client, "a circle", width=12)
     with pytest.raises(AppError, match="expected an adapter named 'nobody'|nobody"):
-        _generate(served.client, "a circle", adapters=[["nobody", 1.0, "", "", ""]])
+        _generate(served.client, "a circle", adapters=[["nobody", 1.0, "", "", "", ""]])
 
 
 def test_an_unreadable_training_image_is_refused_before_anything_is_queued(served):
@@ -158,8 +176,8 @@ def test_queue_a_job_watch_it_finish_generate_with_it_and_download_it(served):
     assert sorted(p.name for p in uploaded.iterdir()) == ["photo0.png", "photo1.png"]
 
     # 3. Generate with the new adapter: the embedding changes the image of its token.
-    with_token, _ = _generate(served.client, "a photo of <toy>", adapters=[["toy", 1.0, "", "", ""]], seed=5)
-    without, _ = _generate(served.client, "a photo of <toy>", adapters=[["toy", 0.0, "", "", ""]], seed=5)
+    with_token, _ = _generate(served.client, "a photo of <toy>", adapters=[["toy", 1.0, "", "", "", ""]], seed=5)
+    without, _ = _generate(served.client, "a photo of <toy>", adapters=[["toy", 0.0, "", "", "", ""]], seed=5)
     assert len(with_token) == len(without) == 1
     saved = sorted(served.home.outputs.rglob("*-5*.png"))
     assert len(saved) == 2

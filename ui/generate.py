@@ -19,7 +19,9 @@ from studio.errors import InvalidInputError
 from studio.home import StudioHome
 from ui.common import DEVICE, PageContext, user_errors
 
-ADAPTER_COLUMNS = ["adapter", "weight", "truncation", "strength", "region"]
+ADAPTER_COLUMNS = ["adapter", "weight", "truncation", "encode_steps", "strength", "region"]
+# The per-adapter options after the weight, in column order; each goes into `AdapterRef.options` under its name.
+OPTION_COLUMNS = ADAPTER_COLUMNS[2:]
 SCHEDULERS = ["default", "ddim", "euler", "euler_a", "dpm++", "unipc", "pndm"]
 # pipelines.requests.REGION_LAYOUTS, with "none" first, then each in latent mode (one U-Net view per region)
 REGIONS = ["none", "columns", "rows", "columns (latent)", "rows (latent)"]
@@ -43,12 +45,12 @@ def adapter_choices(context: PageContext) -> list[str]:
 def adapter_rows(selected: list[str] | None, table: Any) -> list[list[Any]]:
     """The weight table for the chosen adapters, keeping what the user already typed for each."""
     previous = {row[0]: row for row in _rows(table) if row and row[0]}
-    return [previous.get(name, [name, 1.0, "", "", ""]) for name in selected or []]
+    return [previous.get(name, [name, 1.0, *[""] * len(OPTION_COLUMNS)]) for name in selected or []]
 
 
 def parse_adapters(table: Any) -> list[Any]:
-    """`AdapterRef` s from the table: weight, and NeTI ``truncation`` / preference ``strength`` / a LoRA's latent
-    ``region`` when filled in."""
+    """`AdapterRef` s from the table: weight, and NeTI ``truncation`` and ``encode_steps`` / preference ``strength`` /
+    a LoRA's latent ``region`` when filled in (the same options as the CLI's ``NAME:WEIGHT,KEY=VALUE``)."""
     from pipelines import AdapterRef
 
     refs = []
@@ -58,7 +60,7 @@ def parse_adapters(table: Any) -> list[Any]:
         name = str(row[0]).strip()
         weight = _number(row[1] if len(row) > 1 else None, f"the weight of adapter '{name}'", default=1.0)
         options = {}
-        for key, value in zip(("truncation", "strength", "region"), row[2:5], strict=False):
+        for key, value in zip(OPTION_COLUMNS, row[2:], strict=False):
             if not _blank(value):
                 options[key] = _number(value, f"the {key} of adapter '{name}'")
         refs.append(AdapterRef(name=name, weight=weight, options=options))
@@ -192,9 +194,10 @@ def build_page(context: PageContext) -> gr.Blocks:
                     )
                     adapters = gr.Dataframe(
                         headers=ADAPTER_COLUMNS,
-                        datatype=["str", "number", "str", "str", "str"],
+                        datatype=["str", "number", *["str"] * len(OPTION_COLUMNS)],
                         column_count=len(ADAPTER_COLUMNS),
-                        label="Weight per adapter; NeTI truncation, preference strength, a LoRA's latent region "
+                        label="Weight per adapter; NeTI truncation and encode_steps (timesteps the text encoder runs "
+                        "at exactly, ends included; 0 = every one), preference strength, a LoRA's latent region "
                         "(1, 2, ...) where they apply",
                         interactive=True,
                     )
