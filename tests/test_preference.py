@@ -28,6 +28,7 @@ from studio.preferences import PreferencePair
 from studio.world.judge import JudgeNet
 from trainers.core.config import load_config
 from trainers.preference import (
+    SHIPPED_STARTS,
     AttributeExample,
     ClipVisionFeatures,
     JudgeFeatures,
@@ -36,7 +37,9 @@ from trainers.preference import (
     diffusion_dpo_loss,
     embed_user,
     fit_attribute_utilities,
+    load_branch,
     phrase_tokens,
+    start_from,
     train_attribute_branch,
     train_population,
     train_user_preference,
@@ -299,6 +302,18 @@ def test_a_population_prior_reads_attributes_people_like_together():
         fit_attribute_utilities(picks[:, :2], l2=1.0, prior=prior)
 
 
+def test_the_embedded_model_ships_a_start_for_per_user_preferences():
+    start = start_from(PreferenceConfig(init_from="tiny"))
+    # The shapes world's judge reads the colours and backgrounds of the world; the branch and the prior come along.
+    assert (
+        start.init_reader == "judge" and "red" in start.init_attributes and "dotted background" in start.init_attributes
+    )
+    assert start.branch == start.init_prior == str(SHIPPED_STARTS["tiny"])
+    assert load_branch(start.branch).tensors
+    with pytest.raises(InvalidInputError, match="found no file"):
+        start_from(PreferenceConfig(init_from="nowhere.safetensors"))
+
+
 def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path):
     base = tiny_base()
     branch = write(
@@ -332,6 +347,16 @@ def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path)
     cfg = PreferenceConfig(steps=1, batch_size=1, lr=1e-12, init_prior=str(prior), init_top=1, **common)
     adapter = train_user_preference(cfg, pairs * 2, base, attribute_reader=ColourReader())
     assert adapter.metadata.config["initial_attributes"] == ["red"]
+    # init_from spells out the same start from the population file alone (candidates, reader, branch, prior), and
+    # steps=0 keeps the start as it is (no DPO step).
+    same = load_config(PreferenceConfig, overrides=[f"init_from={prior}", "steps=0", "init_top=1"])
+    adapter = train_user_preference(same, pairs * 2, base, attribute_reader=ColourReader())
+    config = adapter.metadata.config
+    assert config["initial_attributes"] == ["red"] and config["training"]["init_prior"] == str(prior)
+    assert config["final_loss"] is None
+    assert torch.equal(adapter.tensors[TOKENS_KEY], phrase_tokens(base.pipeline, "red", 4, torch.device("cpu")))
+    with pytest.raises(InvalidInputError, match="'steps' expects a positive int, got '0'"):
+        load_config(PreferenceConfig, overrides=["steps=0"])
     other = PreferenceConfig(steps=1, init_prior=str(prior), **{**common, "init_attributes": ("red", "blue")})
     with pytest.raises(InvalidInputError, match="same candidates"):
         train_user_preference(other, pairs * 2, base, attribute_reader=ColourReader())

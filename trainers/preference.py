@@ -30,7 +30,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -76,6 +76,8 @@ class PreferenceConfig:
     beta: float = 5000.0
     """DPO's KL weight. Large because per-pair errors differ by little (PPD and Diffusion-DPO use 5000 on SD)."""
     steps: int = 300
+    """Training steps. User mode with a start (``init_attributes`` or ``init_from``) takes 0: the start alone, no
+    DPO (what `bench/eval_preference.py` measured best: DPO from the start lowered dev users' win rates)."""
     batch_size: int = 8
     """Pairs per step (population mode: pairs per user per step)."""
     lr: float = 3e-2
@@ -107,6 +109,10 @@ class PreferenceConfig:
     DPO from that start lowered dev users' win rates, so use ``steps=1``."""
     init_l2: float = 3.0
     """With ``init_reader``: the ridge weight of the Bradley-Terry fit (16 picks name about as many attributes)."""
+    init_from: str = ""
+    """User mode: start from an ``attributes`` population model, in one key: a file, or ``tiny`` for the one
+    shipped with the embedded base model (`SHIPPED_STARTS`). Its candidates, attribute reader, branch and prior
+    become ``init_attributes``, ``init_reader``, ``branch`` and ``init_prior``."""
     init_prior: str = ""
     """With ``init_reader``: an ``attributes`` population model file (``population_encoder = "attributes"``). Its
     users' utilities give the per-user fit a Gaussian prior (`UtilityPrior`: their mean and covariance) in place of
@@ -149,7 +155,10 @@ class PreferenceConfig:
 
     def validate(self) -> None:
         """Ranges of the options."""
-        expect_positive(self, "tokens", "beta", "steps", "batch_size", "lr", "users_per_step", "context_pairs")
+        expect_positive(self, "tokens", "beta", "batch_size", "lr", "users_per_step", "context_pairs")
+        if self.mode != "user" or not (self.init_attributes or self.init_from):
+            expect_positive(self, "steps")
+        expect_non_negative(self, "steps")
         expect_positive(self, "hidden", "log_every", "max_grad_norm", "init_top", "init_draws", "branch_lr")
         expect_non_negative(self, "projection_lr", "token_norm", "init_l2", "init_margin", "population_l2")
         if self.mode == "population" and self.population_encoder == "attributes":
@@ -724,18 +733,47 @@ def _presence_differences(
     return preferred - other
 
 
+SHIPPED_STARTS: dict[str, Path] = {
+    "tiny": Path(__file__).resolve().parent.parent / "studio/assets/tiny_preference.safetensors"
+}
+"""``init_from`` names of the population models shipped with the studio's embedded base models."""
+
+
+def _attribute_population_file(path: str | Path, key: str) -> AdapterFile:
+    """An ``attributes`` population model file named by config key ``key``, checked."""
+    from studio.adapter_files import load_adapter
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InvalidInputError(f"config key '{key}' expects an attributes population model file, found no file {file}")
+    population = load_adapter(file)
+    config = population.metadata.config
+    if population.metadata.kind != KIND or config.get("mode") != "population" or config.get("encoder") != "attributes":
+        raise InvalidInputError(
+            f"config key '{key}' expects an 'attributes' population model, found {population.metadata.kind} in mode "
+            f"{config.get('mode')!r} with encoder {config.get('encoder')!r} in {file}"
+        )
+    return population
+
+
+def start_from(cfg: PreferenceConfig) -> PreferenceConfig:
+    """``cfg`` with ``init_from`` spelled out: the population model's candidates, reader, branch and prior."""
+    path = SHIPPED_STARTS.get(cfg.init_from, Path(cfg.init_from))
+    config = _attribute_population_file(path, "init_from").metadata.config
+    return replace(
+        cfg,
+        init_attributes=tuple(str(c) for c in config["candidates"]),
+        init_reader=str(config["attribute_reader"]),
+        branch=str(path),
+        init_prior=str(path),
+    )
+
+
 def population_prior(path: str | Path, candidates: Sequence[str], reader: AttributeReader) -> UtilityPrior:
     """The `UtilityPrior` of an ``attributes`` population model file, checked against the start's candidates and
     reader."""
-    from studio.adapter_files import load_adapter
-
-    population = load_adapter(path)
+    population = _attribute_population_file(path, "init_prior")
     config = population.metadata.config
-    if config.get("mode") != "population" or config.get("encoder") != "attributes":
-        raise InvalidInputError(
-            f"init_prior expects an 'attributes' population model, found mode {config.get('mode')!r} with encoder "
-            f"{config.get('encoder')!r} in {path}"
-        )
     if [str(c) for c in config["candidates"]] != list(candidates):
         raise InvalidInputError(
             f"init_prior expects a population over the same candidates as init_attributes ({len(candidates)}), "
@@ -815,6 +853,9 @@ def train_user_preference(
         raise InvalidInputError(f"expected at least 2 preference pairs, found {len(pairs)}")
     user_id = user_id or users[0]
 
+    if cfg.init_from:
+        cfg = start_from(cfg)
+
     # 2. Model and data.
     torch.manual_seed(cfg.seed)
     model = _prepare_model(base, _device(device))
@@ -892,8 +933,8 @@ def train_user_preference(
         **groups,
         "initial_attributes": start.attributes if start else [],
         "initial_fit": round(start.share, 4) if start else None,
-        "final_loss": round(float(np.mean(losses[-cfg.log_every :])), 5),
-        "final_implicit_accuracy": round(float(np.mean(accuracies[-cfg.log_every :])), 4),
+        "final_loss": round(float(np.mean(losses[-cfg.log_every :])), 5) if losses else None,
+        "final_implicit_accuracy": round(float(np.mean(accuracies[-cfg.log_every :])), 4) if accuracies else None,
         "training": config_to_dict(cfg),
     }
     return AdapterFile(tensors, _metadata(base, config))
@@ -914,7 +955,8 @@ class AttributeExample:
 
 
 def load_branch(path: str | Path) -> AdapterFile:
-    """An attribute-branch file (``mode`` ``branch``), checked."""
+    """An attribute-branch file (``mode`` ``branch``, or an ``attributes`` population model, which carries the
+    branch it was built on), checked."""
     from studio.adapter_files import load_adapter
 
     file = Path(path).expanduser()
@@ -924,7 +966,8 @@ def load_branch(path: str | Path) -> AdapterFile:
         )
     adapter = load_adapter(file)
     mode = adapter.metadata.config.get("mode")
-    if adapter.metadata.kind != KIND or mode != "branch":
+    population = mode == "population" and adapter.metadata.config.get("encoder") == "attributes"
+    if adapter.metadata.kind != KIND or not (mode == "branch" or population):
         raise InvalidInputError(
             f"config key 'branch' expects a preference attribute branch, found {adapter.metadata.kind} ({mode}) "
             f"in {file}"
