@@ -698,22 +698,34 @@ def fit_attribute_utilities(differences: torch.Tensor, l2: float, prior: Utility
 
 def liked_attributes(candidates: Sequence[str], utilities: torch.Tensor, margin: float, top: int) -> list[str]:
     """Per slot (`attribute_slot`) the best-liked candidate, if it beats the slot's average utility by ``margin``
-    (a one-candidate slot: 0), the clearest first, at most ``top``.
+    (a one-candidate slot: 0), the clearest slot first, at most ``top``. A candidate that shares its word with one
+    already chosen ("gray" and "gray background") gives way to its slot's next best: a gray object on a gray
+    background is no object at all.
 
     >>> liked_attributes(["red", "blue", "large"], torch.tensor([0.5, -0.5, 0.01]), margin=0.05, top=3)
     ['red']
+    >>> u = torch.tensor([0.9, -0.1, 0.4, 0.3, -0.7])
+    >>> liked_attributes(["gray", "blue", "gray background", "black background", "white background"], u, 0.05, 3)
+    ['gray', 'black background']
     """
     slots: dict[str, list[int]] = {}
     for index, candidate in enumerate(candidates):
         slots.setdefault(attribute_slot(candidate), []).append(index)
-    liked: list[tuple[float, str]] = []
+    ranked: list[tuple[float, list[tuple[float, str]]]] = []
     for members in slots.values():
-        best = max(members, key=lambda i: float(utilities[i]))
         reference = float(utilities[members].mean()) if len(members) > 1 else 0.0
-        lead = float(utilities[best]) - reference
-        if lead > margin:
-            liked.append((lead, candidates[best]))
-    return [candidate for _, candidate in sorted(liked, reverse=True)[:top]]
+        leads = sorted(((float(utilities[i]) - reference, candidates[i]) for i in members), reverse=True)
+        ranked.append((leads[0][0], [(lead, c) for lead, c in leads if lead > margin]))
+    chosen: list[str] = []
+    taken: set[str] = set()
+    for _, options in sorted(ranked, key=lambda item: -item[0]):
+        for _, candidate in options:
+            words = set(candidate.lower().split()) - {attribute_slot(candidate)}
+            if not words & taken:
+                chosen.append(candidate)
+                taken |= words
+                break
+    return chosen[:top]
 
 
 def _per_image(
