@@ -1357,10 +1357,11 @@ def train_from_cli(args: Any, home: Any) -> int:
     adapter.metadata.name = name
     info = library.add(adapter, name)
     summary = adapter.metadata.config
-    print(
-        f"trained preference '{name}' ({summary['mode']}, {summary.get('pairs')} pairs, implicit accuracy "
-        f"{summary.get('final_implicit_accuracy', 'n/a')}): {getattr(info, 'path', '')}"
-    )
+    accuracy = summary.get("final_implicit_accuracy")
+    details = [f"{summary.get('pairs')} pairs", f"implicit accuracy {'n/a' if accuracy is None else accuracy}"]
+    if "initial_attributes" in summary:
+        details.append(f"start: {', '.join(summary['initial_attributes']) or 'nothing'}")
+    print(f"trained preference '{name}' ({summary['mode']}, {'; '.join(details)}): {getattr(info, 'path', '')}")
     return 0
 
 
