@@ -103,10 +103,10 @@ class PreferenceConfig:
     model itself (DPO implicit accuracy, `choose_attributes`); ``judge`` reads the candidates in the pair images with
     an attribute reader (`AttributeReader`; the shapes world's judge) and fits a Bradley-Terry model of the picks over
     them (`reader_start`): per slot (colour, background, size...) the best-liked attribute joins if it beats the
-    slot's average by ``init_margin``. With an attribute ``branch``, the reader start alone won 0.734 [0.688,
-    0.776] against the base with +10.4 compliance points on held-out simulated users (16 picks each,
-    `bench/eval_preference.py`; 0.693 on eight users never used before; the default zero start with DPO: 0.542).
-    DPO from that start lowered dev users' win rates, so use ``steps=1``."""
+    slot's average by ``init_margin``. With an attribute ``branch`` and a population prior (``init_from=tiny``
+    sets all of it), the start alone (``steps=0``) won 0.734 [0.688, 0.776] against the base on held-out simulated
+    users and 0.760 [0.715, 0.800] on eight more, with +12.8 compliance points (16 picks each,
+    `bench/eval_preference.py`; the default zero start with DPO: 0.542)."""
     init_l2: float = 3.0
     """With ``init_reader``: the ridge weight of the Bradley-Terry fit (16 picks name about as many attributes)."""
     init_from: str = ""
