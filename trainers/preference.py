@@ -156,7 +156,9 @@ class PreferenceConfig:
     def validate(self) -> None:
         """Ranges of the options."""
         expect_positive(self, "tokens", "beta", "batch_size", "lr", "users_per_step", "context_pairs")
-        if self.mode != "user" or not (self.init_attributes or self.init_from):
+        # No DPO loop runs for a user's start alone or for an attributes population: there steps may be 0.
+        start_only = self.mode == "user" and (self.init_attributes or self.init_from)
+        if not (start_only or (self.mode == "population" and self.population_encoder == "attributes")):
             expect_positive(self, "steps")
         expect_non_negative(self, "steps")
         expect_positive(self, "hidden", "log_every", "max_grad_norm", "init_top", "init_draws", "branch_lr")
