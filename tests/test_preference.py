@@ -358,14 +358,8 @@ def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path)
     with pytest.raises(InvalidInputError, match="'steps' expects a positive int, got '0'"):
         load_config(PreferenceConfig, overrides=["steps=0"])
     # An attributes population runs no DPO loop either.
-    population_keys = ["mode=population", "population_encoder=attributes", "init_reader=colour", "steps=0"]
-    assert (
-        load_config(
-            PreferenceConfig,
-            overrides=[*population_keys, f"init_from={prior}", f"branch={branch}", "init_attributes=red"],
-        ).steps
-        == 0
-    )
+    keys = ["mode=population", "population_encoder=attributes", "init_reader=colour", "init_attributes=red"]
+    assert load_config(PreferenceConfig, overrides=[*keys, f"branch={branch}", "steps=0"]).steps == 0
     other = PreferenceConfig(steps=1, init_prior=str(prior), **{**common, "init_attributes": ("red", "blue")})
     with pytest.raises(InvalidInputError, match="same candidates"):
         train_user_preference(other, pairs * 2, base, attribute_reader=ColourReader())
