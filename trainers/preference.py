@@ -753,21 +753,32 @@ SHIPPED_STARTS: dict[str, Path] = {
 """``init_from`` names of the population models shipped with the studio's embedded base models."""
 
 
-def _attribute_population_file(path: str | Path, key: str) -> AdapterFile:
-    """An ``attributes`` population model file named by config key ``key``, checked."""
+def _preference_file(path: str | Path, key: str, expected: str, accepts: Callable[[Any, Any], bool]) -> AdapterFile:
+    """The preference file config key ``key`` names, if ``accepts(mode, encoder)`` of its header; else a one-line
+    error naming ``expected`` and what was found."""
     from studio.adapter_files import load_adapter
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise InvalidInputError(f"config key '{key}' expects an attributes population model file, found no file {file}")
-    population = load_adapter(file)
-    config = population.metadata.config
-    if population.metadata.kind != KIND or config.get("mode") != "population" or config.get("encoder") != "attributes":
+        raise InvalidInputError(f"config key '{key}' expects {expected} .safetensors file, found no file {file}")
+    adapter = load_adapter(file)
+    mode, encoder = adapter.metadata.config.get("mode"), adapter.metadata.config.get("encoder")
+    if adapter.metadata.kind != KIND or not accepts(mode, encoder):
+        what = f"{mode}, encoder {encoder}" if encoder else mode
         raise InvalidInputError(
-            f"config key '{key}' expects an 'attributes' population model, found {population.metadata.kind} in mode "
-            f"{config.get('mode')!r} with encoder {config.get('encoder')!r} in {file}"
+            f"config key '{key}' expects {expected}, found {adapter.metadata.kind} ({what}) in {file}"
         )
-    return population
+    return adapter
+
+
+def _attribute_population_file(path: str | Path, key: str) -> AdapterFile:
+    """An ``attributes`` population model file named by config key ``key``, checked."""
+    return _preference_file(
+        path,
+        key,
+        "an 'attributes' population model",
+        lambda mode, encoder: mode == "population" and encoder == "attributes",
+    )
 
 
 def start_from(cfg: PreferenceConfig) -> PreferenceConfig:
@@ -971,22 +982,12 @@ class AttributeExample:
 def load_branch(path: str | Path) -> AdapterFile:
     """An attribute-branch file (``mode`` ``branch``, or an ``attributes`` population model, which carries the
     branch it was built on), checked."""
-    from studio.adapter_files import load_adapter
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise InvalidInputError(
-            f"config key 'branch' expects an attribute-branch .safetensors file, found no file {file}"
-        )
-    adapter = load_adapter(file)
-    mode = adapter.metadata.config.get("mode")
-    population = mode == "population" and adapter.metadata.config.get("encoder") == "attributes"
-    if adapter.metadata.kind != KIND or not (mode == "branch" or population):
-        raise InvalidInputError(
-            f"config key 'branch' expects a preference attribute branch, found {adapter.metadata.kind} ({mode}) "
-            f"in {file}"
-        )
-    return adapter
+    return _preference_file(
+        path,
+        "branch",
+        "a preference attribute branch",
+        lambda mode, encoder: mode == "branch" or (mode == "population" and encoder == "attributes"),
+    )
 
 
 def train_attribute_branch(
