@@ -249,13 +249,15 @@ def test_a_branch_must_be_a_branch_file(tmp_path):
         train_attribute_branch(PreferenceConfig(mode="branch", batch_size=2), attribute_lessons(3), base)
 
 
+def one_step_branch(tmp_path, base):
+    """An attribute-branch file trained for one step (what the population tests build on)."""
+    cfg = PreferenceConfig(mode="branch", steps=1, batch_size=2)
+    return write(tmp_path, "branch", train_attribute_branch(cfg, attribute_lessons(8), base))
+
+
 def test_an_attribute_population_embeds_a_new_user_from_a_few_picks(tmp_path):
     base = tiny_base()
-    branch = write(
-        tmp_path,
-        "branch",
-        train_attribute_branch(PreferenceConfig(mode="branch", steps=1, batch_size=2), attribute_lessons(8), base),
-    )
+    branch = one_step_branch(tmp_path, base)
 
     def picks(user: str, liked: str, others: tuple[str, ...]) -> list[PreferencePair]:
         return [
@@ -316,11 +318,7 @@ def test_the_embedded_model_ships_a_start_for_per_user_preferences():
 
 def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path):
     base = tiny_base()
-    branch = write(
-        tmp_path,
-        "branch",
-        train_attribute_branch(PreferenceConfig(mode="branch", steps=1, batch_size=2), attribute_lessons(8), base),
-    )
+    branch = one_step_branch(tmp_path, base)
     candidates = ("red", "blue", "green")
     # Every population user likes red and dislikes blue, or the other way round.
     population_pairs = [
