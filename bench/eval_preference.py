@@ -327,7 +327,7 @@ class Setup:
 OPEN_STYLES = ("bare", "no_colour", "no_background")
 
 
-def attribute_examples(count: int, seed: int = 0, size_share: float = 1 / 3) -> list[AttributeExample]:
+def attribute_examples(count: int, seed: int = 0, size_share: float = 0.0) -> list[AttributeExample]:
     """Lessons for the attribute branch from the shapes world: an open prompt ("a circle"), an attribute for one of
     its open slots ("red" or "dotted background"), the prompt with it in words ("a red circle"), and a rendering of
     that. Drawn from the base's training distribution, not from the evaluation's held-out combinations.
@@ -336,7 +336,11 @@ def attribute_examples(count: int, seed: int = 0, size_share: float = 1 / 3) -> 
     names no size ("a red circle on a blue background"), against the world's sized caption of the same scene ("a
     large red circle on a blue background"), the one style in which the base model learned size words. Without
     them the branch reads "large" through projections no lesson shaped: on 12 evaluation prompts its tokens changed
-    the object's colour in half the images and the background in more than half, and the size not at all."""
+    the object's colour in half the images and the background in more than half, and the size not at all. Off by
+    default (the shipped branch has none): with a third of its 2000 lessons on sizes (900 steps), the tokens of
+    "small" covered 0.165 of the image and those of "large" 0.263, against the base's 0.233; and with size words in
+    the vocabulary dev users 100-104 won 0.667, 0.667, 0.771, 0.917, 0.729, about what they won without those lessons
+    (0.667, 0.667, 0.750, 0.917, 0.688); the vocabulary has since dropped the size words."""
     rng = random.Random(f"attribute-examples:{seed}")
     examples = []
     for _ in range(count):
