@@ -71,7 +71,9 @@ built by ``--init --branch FILE --prior FILE --train-users 400``) is the recipe 
 
 ``python bench/eval_preference.py --mode user --set init_from=tiny --set steps=0`` (the start alone, no DPO step)
 won 0.734 [0.688, 0.776] (+12.8 points) on the held-out users 7301-7308, where three users tie on 26-35 of 48
-comparisons, and 0.760 [0.715, 0.800] (+12.8 points) on users 8401-8408. Population mode (4 picks; ``--mode
+comparisons, and 0.760 [0.715, 0.800] (+12.8 points) on users 8401-8408; on two more sets never used before,
+0.708 [0.661, 0.752] (8501-8508) and 0.833 [0.793, 0.867] (8601-8608): 0.759 [0.737, 0.780] pooled over the 32
+users (n=1536). Population mode (4 picks; ``--mode
 population --train-users 400 --init --branch FILE --set init_reader=judge --set population_encoder=attributes``) won
 0.703 [0.656, 0.747] (+13.8 points) on the held-out users and 0.609 [0.560, 0.657] (+14.3 points) on users
 8401-8408. ``--set steps=50 --set lr=1e-3`` (DPO from the start) left dev users 100 and 101 exactly where the start
