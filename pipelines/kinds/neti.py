@@ -225,6 +225,15 @@ class NetiKind:
                 self._cache.popitem(last=False)
         return NetiState(self, request, prompts, truncation, entry, encode_steps)
 
+    @torch.no_grad()
+    def _mapper_on_grid(self, timesteps: Sequence[float], truncation: int | None) -> Any:
+        """The mapper's outputs for every ``(t, layer)``, timestep-major (row ``i * L + l``), in one call."""
+        n_layers = self.spec.n_layers
+        device = next(self.mapper.parameters()).device
+        times = torch.tensor(list(timesteps), dtype=torch.float32, device=device).repeat_interleave(n_layers)
+        layers = torch.arange(n_layers, dtype=torch.float32, device=device).repeat(len(timesteps))
+        return self.mapper(times, layers, truncation)
+
     def compute(
         self,
         prompts: Any,
@@ -236,10 +245,8 @@ class NetiKind:
         """States ``[len(timesteps), L, T, D]`` (plain, bypassed): one mapper call and one call per text encoder."""
         n_layers = self.spec.n_layers
         self.mapper.to(device)
-        times = torch.tensor(list(timesteps), dtype=torch.float32, device=device).repeat_interleave(n_layers)
-        layers = torch.arange(n_layers, dtype=torch.float32, device=device).repeat(len(timesteps))
+        outputs = self._mapper_on_grid(timesteps, truncation)
         with torch.no_grad():
-            outputs = self.mapper(times, layers, truncation)
             plain, bypassed = self.text.encode(prompts, outputs, len(timesteps) * n_layers)
         self.text_encoder_calls += 1
         shape = (len(timesteps), n_layers, *plain.shape[1:])
@@ -248,14 +255,10 @@ class NetiKind:
     def mapper_features(self, timesteps: Sequence[float], truncation: int | None) -> torch.Tensor:
         """The mapper's outputs ``[len(timesteps), L, F]`` (every encoder's embeddings then bypass vectors, flattened),
         float64 on the CPU: what `NetiState.blend_weights` fits."""
-        n_layers = self.spec.n_layers
-        device = next(self.mapper.parameters()).device
-        times = torch.tensor(list(timesteps), dtype=torch.float32, device=device).repeat_interleave(n_layers)
-        layers = torch.arange(n_layers, dtype=torch.float32, device=device).repeat(len(timesteps))
-        with torch.no_grad():
-            outputs = self.mapper(times, layers, truncation)
-        parts = [tensor.reshape(len(times), -1) for tensor in (*outputs.embeddings, *outputs.bypass)]
-        return torch.cat(parts, dim=-1).double().cpu().reshape(len(timesteps), n_layers, -1)
+        outputs = self._mapper_on_grid(timesteps, truncation)
+        rows = len(timesteps) * self.spec.n_layers
+        parts = [tensor.reshape(rows, -1) for tensor in (*outputs.embeddings, *outputs.bypass)]
+        return torch.cat(parts, dim=-1).double().cpu().reshape(len(timesteps), self.spec.n_layers, -1)
 
     def _text_state(self, prompts: Any) -> str:
         """A digest of what else shapes the text encoders' output: TI rows in the prompt and text-encoder LoRAs."""
