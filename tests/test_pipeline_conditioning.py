@@ -248,3 +248,32 @@ def test_each_region_of_the_embedded_model_gets_its_own_background():
         left, right = rgb[:, :quarter].reshape(-1, 3).mean(0), rgb[:, -quarter:].reshape(-1, 3).mean(0)
         assert left[2] > left[1] + 60, f"left edge should be blue, got mean RGB {left.round()}"
         assert right[1] > right[2] + 60, f"right edge should be green, got mean RGB {right.round()}"
+
+
+def test_a_joint_token_branch_shares_its_softmax_with_the_prompt():
+    """``ExtraTokens.joint``: the branch's weights come from one softmax over the prompt's keys and its own, with
+    zero values on the prompt's; a query that attends to the prompt leaves the branch almost silent."""
+    from diffusers.models.attention_processor import Attention
+
+    from pipelines.kinds.conditioning import _attend
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    hidden, text = torch.randn(1, 5, 8), torch.randn(1, 3, 6)
+    to_k, to_v = torch.nn.Linear(6, 8, bias=False), torch.nn.Linear(6, 8, bias=False)
+    tokens = torch.randn(1, 2, 6)
+    states = KeyValueStates(text, text)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(1, -1, 2, 4).transpose(1, 2)
+
+    with torch.no_grad():
+        plain = _attend(attn, hidden, states, [], None, None)
+        joint = _attend(attn, hidden, states, [ExtraTokens(tokens, to_k, to_v, scale=0.5, joint=True)], None, None)
+        # By hand: the branch's share of one softmax over [prompt keys; token keys], times the token values.
+        query, key = heads(attn.to_q(hidden)), torch.cat([heads(attn.to_k(text)), heads(to_k(tokens))], dim=2)
+        weights = torch.softmax(query @ key.transpose(-1, -2) / 2.0, dim=-1)[..., 3:]
+        branch = (weights @ heads(to_v(tokens))).transpose(1, 2).reshape(1, 5, 8)
+        # The output projection is affine, so the branch adds its linear part (the bias is in ``plain`` already).
+        expected = plain + 0.5 * branch @ attn.to_out[0].weight.T
+    assert torch.allclose(joint, expected, atol=1e-5)

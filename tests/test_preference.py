@@ -249,6 +249,28 @@ def test_a_branch_must_be_a_branch_file(tmp_path):
         train_attribute_branch(PreferenceConfig(mode="branch", batch_size=2), attribute_lessons(3), base)
 
 
+def test_a_joint_branch_is_recorded_and_the_users_on_it_attend_jointly(tmp_path):
+    base = tiny_base()
+    cfg = load_config(PreferenceConfig, overrides=["mode=branch", "steps=1", "batch_size=2", "branch_attention=joint"])
+    branch = train_attribute_branch(cfg, attribute_lessons(8), base)
+    assert branch.metadata.config["branch_attention"] == "joint"
+    path = write(tmp_path, "branch", branch)
+    user = train_user_preference(PreferenceConfig(steps=1, batch_size=2, branch=str(path)), pairs_of("alice", 4), base)
+    assert user.metadata.config["branch_attention"] == "joint"
+    write(tmp_path, "joint", user)
+    # The same tokens and projections read through the separate softmax make a different image.
+    separate = dict(user.metadata.config, branch_attention="separate")
+    write(tmp_path, "separate", AdapterFile(user.tensors, replace(user.metadata, config=separate)))
+    service = PipelineService(base, adapter_source=tmp_path)
+    assert not np.array_equal(generate(service, "joint"), generate(service, "separate"))
+    odd = dict(separate, branch_attention="x")
+    write(tmp_path, "odd", AdapterFile(user.tensors, replace(user.metadata, config=odd)))
+    with pytest.raises(InvalidInputError, match="expected branch_attention in separate, joint, found 'x'"):
+        generate(service, "odd")
+    with pytest.raises(InvalidInputError, match="branch_attention"):
+        load_config(PreferenceConfig, overrides=["branch_attention=sideways"])
+
+
 def one_step_branch(tmp_path, base):
     """An attribute-branch file trained for one step (what the population tests build on)."""
     cfg = PreferenceConfig(mode="branch", steps=1, batch_size=2)

@@ -52,6 +52,7 @@ from pipelines.kinds.preference import (
     attribute_nouns,
     attribute_slot,
     attribute_token_mask,
+    branch_attention,
 )
 from studio.adapter_files import AdapterFile, AdapterMetadata
 from studio.errors import InvalidInputError, NotAvailableError
@@ -128,6 +129,10 @@ class PreferenceConfig:
     the user's attribute tokens act as the attributes' words in the prompt would. The adapter carries them."""
     branch_lr: float = 2e-3
     """Branch mode: learning rate of the projections (``steps`` and ``batch_size`` as in the other modes)."""
+    branch_attention: Literal["separate", "joint"] = "separate"
+    """Branch mode: ``separate`` attends over the attribute tokens alone (IP-Adapter's decoupled attention); ``joint``
+    spans the prompt's keys too, with zero values there (`ExtraTokens.joint`), so an attribute can act on some
+    positions only. Recorded in the file; users trained on a branch, and populations built on one, inherit it."""
     init_top: int = 2
     """At most this many attributes are chosen (greedily; one joins only if it lowers the loss further)."""
     init_draws: int = 4
@@ -914,7 +919,9 @@ def train_user_preference(
             return norm * F.normalize(weights, dim=-1) if norm else weights
 
         if cfg.branch:
-            model.branches.load_layer_tensors(load_branch(cfg.branch).tensors)
+            branch = load_branch(cfg.branch)
+            model.branches.load_layer_tensors(branch.tensors)
+            model.branches.joint = branch_attention(branch.metadata.config) == "joint"
         groups: list[dict[str, Any]] = [{"params": [weights], "lr": cfg.lr}]
         model.branches.to(model.device).requires_grad_(cfg.train_projections)
         if cfg.train_projections:
@@ -953,6 +960,7 @@ def train_user_preference(
         "mode": "user",
         "user_id": user_id,
         "tokens": int(tokens.shape[0]),
+        "branch_attention": "joint" if model.branches.joint else "separate",
         "beta": cfg.beta,
         "pairs": len(pairs),
         **groups,
@@ -1049,6 +1057,7 @@ def train_attribute_branch(
             return float(np.mean([float(a) for a, _ in pairs])), float(np.mean([float(b) for _, b in pairs]))
 
         # 2. The loop: only the projections train.
+        model.branches.joint = cfg.branch_attention == "joint"
         model.branches.to(model.device).requires_grad_(True)
         params = list(model.branches.parameters())
         optimizer = torch.optim.AdamW(params, lr=cfg.branch_lr, weight_decay=0.0)
@@ -1077,6 +1086,7 @@ def train_attribute_branch(
     tensors = {k: v.float().cpu() for k, v in model.branches.layer_tensors().items()}
     config = {
         "mode": "branch",
+        "branch_attention": cfg.branch_attention,
         "examples": len(examples),
         "attributes": sorted(tokens),
         "tokens_per_attribute": cfg.tokens,
@@ -1211,6 +1221,7 @@ def _attribute_population(
     config = {
         "mode": "population",
         "encoder": "attributes",
+        "branch_attention": branch_attention(branch.metadata.config),
         "attribute_reader": reader.name,
         "candidates": candidates,
         "tokens": cfg.tokens,
@@ -1303,6 +1314,7 @@ def embed_user(
         "mode": "user",
         "user_id": user_id,
         "tokens": int(tokens.shape[0]),
+        "branch_attention": branch_attention(config),
         "beta": config.get("beta"),
         "pairs": len(pairs),
         "population_model": meta.name,

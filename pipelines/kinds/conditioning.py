@@ -77,12 +77,17 @@ class ExtraTokens:
 
     The branch's attention output is multiplied by ``scale`` and added to the text attention output before the
     output projection. ``tokens`` is ``[1 or batch, n, width]``.
+
+    With ``joint`` the branch's softmax also runs over the text keys, whose values count as zero: a query that
+    attends to the prompt gives the extra tokens little weight, so the branch can act on some positions (an
+    object's colour) and leave the rest, instead of adding a full convex mix of its values everywhere.
     """
 
     tokens: torch.Tensor
     to_k: nn.Module
     to_v: nn.Module
     scale: float = 1.0
+    joint: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,6 +342,9 @@ def _attend(
         tokens = tokens.expand(batch, -1, -1) if tokens.shape[0] == 1 else tokens
         extra_key = _heads(extra.to_k(tokens), batch, attn.heads)
         extra_value = _heads(extra.to_v(tokens), batch, attn.heads)
+        if extra.joint:
+            extra_key = torch.cat([key, extra_key], dim=2)
+            extra_value = torch.cat([torch.zeros_like(value), extra_value], dim=2)
         out = out + extra.scale * F.scaled_dot_product_attention(query, extra_key, extra_value)
     out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
 

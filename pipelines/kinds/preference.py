@@ -64,6 +64,18 @@ DEFAULT_ATTRIBUTE_SCALE = 0.85
 
 # -- the decoupled branches ---------------------------------------------------------------------------------------
 
+BRANCH_ATTENTIONS = ("separate", "joint")
+
+
+def branch_attention(config: dict[str, Any]) -> str:
+    """How a preference file's branch attends (``studio.config["branch_attention"]``): ``separate`` (a softmax over
+    the extra tokens alone, IP-Adapter's way, and the reading of files that do not say) or ``joint`` (a softmax that
+    also spans the prompt's keys, `ExtraTokens.joint`)."""
+    value = config.get("branch_attention", "separate")
+    if value not in BRANCH_ATTENTIONS:
+        raise InvalidInputError(f"expected branch_attention in {', '.join(BRANCH_ATTENTIONS)}, found {value!r}")
+    return str(value)
+
 
 def layer_attention(unet: nn.Module, layer_name: str) -> nn.Module:
     """The ``Attention`` module behind a cross-attention processor name (``...attn2.processor``)."""
@@ -86,10 +98,13 @@ class PreferenceBranches(nn.Module):
     True
     """
 
-    def __init__(self, to_k: Sequence[nn.Linear], to_v: Sequence[nn.Linear]) -> None:
+    def __init__(self, to_k: Sequence[nn.Linear], to_v: Sequence[nn.Linear], *, joint: bool = False) -> None:
         super().__init__()
         self.to_k = nn.ModuleList(to_k)
         self.to_v = nn.ModuleList(to_v)
+        # Whether the branch's softmax also runs over the prompt's keys (`ExtraTokens.joint`); a property of how the
+        # projections were trained, recorded in the file header as ``branch_attention``.
+        self.joint = joint
 
     @property
     def width(self) -> int:
@@ -98,7 +113,12 @@ class PreferenceBranches(nn.Module):
 
     @classmethod
     def from_unet(
-        cls, unet: nn.Module, layer_names: Sequence[str], tensors: dict[str, torch.Tensor] | None = None
+        cls,
+        unet: nn.Module,
+        layer_names: Sequence[str],
+        tensors: dict[str, torch.Tensor] | None = None,
+        *,
+        joint: bool = False,
     ) -> PreferenceBranches:
         """Copies of each layer's ``to_k``/``to_v``, replaced by ``tensors[preference.layers.<i>.*]`` if given."""
         to_k, to_v = [], []
@@ -112,7 +132,7 @@ class PreferenceBranches(nn.Module):
                     if source.bias is not None:
                         layer.bias.copy_(source.bias)
                 out.append(layer)
-        branches = cls(to_k, to_v).requires_grad_(False)
+        branches = cls(to_k, to_v, joint=joint).requires_grad_(False)
         if tensors:
             branches.load_layer_tensors(tensors)
         return branches
@@ -178,7 +198,9 @@ class UserTokensState(ConditioningState):
             tokens = tokens.expand(batch // 2, -1, -1) if tokens.shape[0] == 1 else tokens
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
         index = call.layer_index
-        return ExtraTokens(tokens, self.branches.to_k[index], self.branches.to_v[index], scale=self.scale)
+        return ExtraTokens(
+            tokens, self.branches.to_k[index], self.branches.to_v[index], scale=self.scale, joint=self.branches.joint
+        )
 
 
 # -- attribute guidance -------------------------------------------------------------------------------------------
@@ -427,7 +449,9 @@ class PreferenceKind:
             tokens = adapter.tensors.get(TOKENS_KEY)
             if tokens is None or tokens.dim() != 2:
                 raise InvalidInputError(f"expected {TOKENS_KEY} as [tokens, width] in preference '{self.name}'")
-            self.branches = PreferenceBranches.from_unet(unet, layer_names, _layer_tensors(adapter.tensors))
+            self.branches = PreferenceBranches.from_unet(
+                unet, layer_names, _layer_tensors(adapter.tensors), joint=branch_attention(config) == "joint"
+            )
             if tokens.shape[1] != self.branches.width:
                 raise InvalidInputError(
                     f"preference '{self.name}' has tokens of width {tokens.shape[1]} but the base model's "
