@@ -6,7 +6,8 @@ For each held-out simulated user (`studio.world.users.random_user` with seeds no
    its Bradley-Terry pick (`SimulatedUser.pick` on its judge-read scores), and skips a pair that ties for it (as the
    studio's picker lets a person skip) until it has made the picks asked for. The log says how many base pairs tied:
    the base often draws both seeds of an open prompt alike in what a taste is about.
-2. The preference: ``user`` mode trains the user's tokens on 16 pairs from zero; with ``--init`` they start from the
+2. The preference: ``user`` mode with ``--set init_from=none`` trains the user's tokens on 16 pairs from zero (the
+   trainer's default on `tiny` is now the shipped start, ``init_from=auto``, below); with ``--init`` they start from the
    attributes of the world's vocabulary (`attribute_vocabulary`: every colour, every background, large, small; the
    same for every user) that best explain the user's picks (``init_attributes``). Measured with ``--init --strength
    0.35 --set steps=1 --set lr=1e-9`` (the start alone): 0.729 on dev users 100-102 (8 prompts) but 0.513 and -6.2

@@ -25,9 +25,11 @@ from pipelines.service import PipelineService
 from studio.adapter_files import AdapterFile, AdapterMetadata
 from studio.errors import InvalidInputError, NotAvailableError
 from studio.preferences import PreferencePair
+from studio.testing import tiny_model_path
 from studio.world.judge import JudgeNet
 from trainers.core.config import load_config
 from trainers.preference import (
+    DEFAULT_STEPS,
     SHIPPED_STARTS,
     AttributeExample,
     ClipVisionFeatures,
@@ -39,6 +41,7 @@ from trainers.preference import (
     fit_attribute_utilities,
     load_branch,
     phrase_tokens,
+    resolve_start,
     start_from,
     train_attribute_branch,
     train_population,
@@ -338,6 +341,26 @@ def test_the_embedded_model_ships_a_start_for_per_user_preferences():
         start_from(PreferenceConfig(init_from="nowhere.safetensors"))
 
 
+@pytest.mark.skipif(not (tiny_model_path() / "model_index.json").is_file(), reason="embedded tiny model not built")
+def test_per_user_training_on_the_embedded_model_starts_from_its_shipped_start_by_default():
+    from studio.base_models import load_base_model
+
+    tiny = load_base_model("tiny")
+    default = resolve_start(PreferenceConfig(), tiny)
+    # The start alone, no DPO step: what measured best on tiny.
+    assert default.init_from == "tiny" and default.branch == str(SHIPPED_STARTS["tiny"]) and default.steps == 0
+    assert resolve_start(PreferenceConfig(steps=50), tiny).steps == 50  # DPO from the start, when asked
+    plain = resolve_start(PreferenceConfig(init_from="none"), tiny)
+    assert (plain.init_from, plain.init_attributes, plain.steps) == ("", (), DEFAULT_STEPS)
+    by_key = resolve_start(PreferenceConfig(init_attributes=("red",)), tiny)
+    assert by_key.init_from == "" and by_key.init_attributes == ("red",) and by_key.branch == ""
+    # Another base model (here a random one) has no shipped start: zero tokens and DPO, or a clear error for steps=0.
+    other = tiny_base()
+    assert resolve_start(PreferenceConfig(), other).init_from == ""
+    with pytest.raises(InvalidInputError, match="steps=0 keeps the start alone, but no start is configured"):
+        resolve_start(PreferenceConfig(steps=0), other)
+
+
 def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path):
     base = tiny_base()
     branch = one_step_branch(tmp_path, base)
@@ -376,7 +399,7 @@ def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path)
     assert config["final_loss"] is None
     assert torch.equal(adapter.tensors[TOKENS_KEY], phrase_tokens(base.pipeline, "red", 4, torch.device("cpu")))
     with pytest.raises(InvalidInputError, match="'steps' expects a positive int, got '0'"):
-        load_config(PreferenceConfig, overrides=["steps=0"])
+        load_config(PreferenceConfig, overrides=["steps=0", "init_from=none"])
     # An attributes population runs no DPO loop either.
     keys = ["mode=population", "population_encoder=attributes", "init_reader=colour", "init_attributes=red"]
     assert load_config(PreferenceConfig, overrides=[*keys, f"branch={branch}", "steps=0"]).steps == 0

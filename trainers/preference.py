@@ -76,9 +76,10 @@ class PreferenceConfig:
     """User tokens (each of the U-Net's cross-attention width)."""
     beta: float = 5000.0
     """DPO's KL weight. Large because per-pair errors differ by little (PPD and Diffusion-DPO use 5000 on SD)."""
-    steps: int = 300
-    """Training steps. User mode with a start (``init_attributes`` or ``init_from``) takes 0: the start alone, no
-    DPO (what `bench/eval_preference.py` measured best: DPO from the start lowered dev users' win rates)."""
+    steps: int | None = None
+    """Training steps. Unset: 0 in user mode with an ``init_from`` start (the start alone, no DPO: what
+    `bench/eval_preference.py` measured best; DPO from the start lowered dev users' win rates), else
+    ``DEFAULT_STEPS``."""
     batch_size: int = 8
     """Pairs per step (population mode: pairs per user per step)."""
     lr: float = 3e-2
@@ -105,15 +106,17 @@ class PreferenceConfig:
     an attribute reader (`AttributeReader`; the shapes world's judge) and fits a Bradley-Terry model of the picks over
     them (`reader_start`): per slot (colour, background, size...) the best-liked attribute joins if it beats the
     slot's average by ``init_margin``. With an attribute ``branch`` and a population prior (``init_from=tiny``
-    sets all of it), the start alone (``steps=0``) won 0.734 [0.688, 0.776] against the base on held-out simulated
-    users and 0.760 [0.715, 0.800] on eight more, with +12.8 compliance points (16 picks each,
-    `bench/eval_preference.py`; the default zero start with DPO: 0.542)."""
+    sets all of it, and is the default on `tiny`), the start alone (``steps=0``) won 0.759 [0.737, 0.780] against
+    the base over 32 simulated users never used in development, with +11.7 to +12.8 compliance points (16 picks
+    each, `bench/eval_preference.py`; the zero start with DPO, ``init_from=none``: 0.542)."""
     init_l2: float = 3.0
     """With ``init_reader``: the ridge weight of the Bradley-Terry fit (16 picks name about as many attributes)."""
-    init_from: str = ""
+    init_from: str = "auto"
     """User mode: start from an ``attributes`` population model, in one key: a file, or ``tiny`` for the one
     shipped with the embedded base model (`SHIPPED_STARTS`). Its candidates, attribute reader, branch and prior
-    become ``init_attributes``, ``init_reader``, ``branch`` and ``init_prior``."""
+    become ``init_attributes``, ``init_reader``, ``branch`` and ``init_prior``. ``auto``: the start shipped for the
+    base model being trained on, if the studio ships one and none of those four keys is set (`resolve_start`);
+    ``none``: no start (zero tokens, DPO)."""
     init_prior: str = ""
     """With ``init_reader``: an ``attributes`` population model file (``population_encoder = "attributes"``). Its
     users' utilities give the per-user fit a Gaussian prior (`UtilityPrior`: their mean and covariance) in place of
@@ -162,7 +165,8 @@ class PreferenceConfig:
         """Ranges of the options."""
         expect_positive(self, "tokens", "beta", "batch_size", "lr", "users_per_step", "context_pairs")
         # No DPO loop runs for a user's start alone or for an attributes population: there steps may be 0.
-        start_only = self.mode == "user" and (self.init_attributes or self.init_from)
+        # (User mode's ``init_from=auto`` with no shipped start is caught when it resolves: `resolve_start`.)
+        start_only = self.mode == "user" and (self.init_attributes or self.init_from not in ("", "none"))
         if not (start_only or (self.mode == "population" and self.population_encoder == "attributes")):
             expect_positive(self, "steps")
         expect_non_negative(self, "steps")
@@ -752,6 +756,9 @@ def _presence_differences(
     return preferred - other
 
 
+DEFAULT_STEPS = 300
+"""Training steps when ``steps`` is unset and no start makes it 0."""
+
 SHIPPED_STARTS: dict[str, Path] = {
     "tiny": Path(__file__).resolve().parent.parent / "studio/assets/tiny_preference.safetensors"
 }
@@ -784,6 +791,44 @@ def _attribute_population_file(path: str | Path, key: str) -> AdapterFile:
         "an 'attributes' population model",
         lambda mode, encoder: mode == "population" and encoder == "attributes",
     )
+
+
+def shipped_start(base: Any) -> str:
+    """The ``init_from`` name of the start shipped for ``base`` (`SHIPPED_STARTS`), or ``""``: only for the very
+    weights it was built on (its header's fingerprint), since a start reads through a branch trained on them."""
+    from studio.adapter_files import read_header
+
+    path = SHIPPED_STARTS.get(getattr(base, "name", ""))
+    if path is None or not path.is_file():
+        return ""
+    if AdapterMetadata.from_header(read_header(path), str(path)).base_fingerprint != base.fingerprint:
+        return ""
+    return str(base.name)
+
+
+def resolve_start(cfg: PreferenceConfig, base: Any) -> PreferenceConfig:
+    """User mode's ``cfg`` for ``base`` with ``init_from`` spelled out (``auto`` becomes `shipped_start` unless a
+    start is configured key by key; ``none`` becomes no start) and ``steps`` set (unset: 0 with an ``init_from``
+    start, else ``DEFAULT_STEPS``)."""
+    init_from = cfg.init_from
+    if init_from == "auto":
+        by_key = cfg.init_attributes or cfg.init_reader or cfg.branch or cfg.init_prior
+        init_from = "" if by_key else shipped_start(base)
+    cfg = replace(cfg, init_from="" if init_from == "none" else init_from)
+    if cfg.init_from:
+        cfg = start_from(cfg)
+    steps = cfg.steps if cfg.steps is not None else (0 if cfg.init_from else DEFAULT_STEPS)
+    if steps == 0 and not cfg.init_attributes:
+        raise InvalidInputError(
+            "steps=0 keeps the start alone, but no start is configured (init_from or init_attributes); "
+            "found init_from='none' or a base model with no shipped start"
+        )
+    return replace(cfg, steps=steps)
+
+
+def _with_steps(cfg: PreferenceConfig) -> PreferenceConfig:
+    """``cfg`` with ``steps`` set (`DEFAULT_STEPS` when unset), for the modes that have no start."""
+    return cfg if cfg.steps is not None else replace(cfg, steps=DEFAULT_STEPS)
 
 
 def start_from(cfg: PreferenceConfig) -> PreferenceConfig:
@@ -883,8 +928,7 @@ def train_user_preference(
         raise InvalidInputError(f"expected at least 2 preference pairs, found {len(pairs)}")
     user_id = user_id or users[0]
 
-    if cfg.init_from:
-        cfg = start_from(cfg)
+    cfg = resolve_start(cfg, base)
 
     # 2. Model and data.
     torch.manual_seed(cfg.seed)
@@ -1015,6 +1059,7 @@ def train_attribute_branch(
     where an attribute belongs. Per-user adapters then start from it (``PreferenceConfig.branch``). Logged: the
     held-out distillation error with the branch against the plain prompt's (the gap the branch closes).
     """
+    cfg = _with_steps(cfg)
     if len(examples) < 2 * cfg.batch_size:
         raise InvalidInputError(f"expected at least {2 * cfg.batch_size} attribute examples, found {len(examples)}")
     torch.manual_seed(cfg.seed)
@@ -1117,6 +1162,7 @@ def train_population(
 ) -> AdapterFile:
     """PPD: train the shared branch projections and the user encoder over the pairs of many users at once (or, with
     ``population_encoder`` ``attributes``, fit the population's attribute utilities; see `_attribute_population`)."""
+    cfg = _with_steps(cfg)
     # 1. Group the pairs by user; each user needs context pairs for the encoder and target pairs for the loss.
     by_user: dict[str, list[int]] = {}
     for index, pair in enumerate(pairs):
