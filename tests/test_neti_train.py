@@ -278,3 +278,21 @@ def test_nested_dropout_per_prompt_truncates_all_layers_of_a_prompt_alike(images
     for truncations in given:
         per_prompt = truncations.view(2, n_layers)
         assert bool((per_prompt == per_prompt[:, :1]).all()) and bool((per_prompt >= 0).all())
+
+
+def test_log_nested_dropout_draws_the_dials_low_end_as_often_as_its_high_end(images, monkeypatch):
+    """``nested_dropout_sampling=log``: the loop draws each row's truncation, and nearly half land below 8, where a
+    uniform draw puts 1 in 16."""
+    from trainers.neti import draw_truncations
+
+    pipe = build_tiny_sd1_pipeline()
+    base = BaseModel.from_pipeline(pipe, "tiny-random")
+    n_layers = len(base.family.cross_attention_layers(pipe.unet))
+    given = _spy_row_truncations(monkeypatch)
+    train_neti(_config("steps=2", "batch_size=2", "nested_dropout=1", "nested_dropout_sampling=log"), base, images)
+    assert [t.shape for t in given] == [(2 * n_layers,)] * 2
+    assert all(bool(((t >= 0) & (t < 128)).all()) for t in given)
+    draws = draw_truncations((20000,), 128, "log", torch.Generator().manual_seed(0))
+    assert 0.4 < float((draws < 8).float().mean()) < 0.5 and int(draws.max()) == 127
+    uniform = draw_truncations((20000,), 128, "uniform", torch.Generator().manual_seed(0))
+    assert float((uniform < 8).float().mean()) < 0.08

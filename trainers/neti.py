@@ -139,6 +139,10 @@ class NetiConfig:
     bypass_alpha: float = 0.2
     nested_dropout: float = 0.5
     """Probability per batch that nested dropout truncates the hidden vector."""
+    nested_dropout_sampling: Literal["uniform", "log"] = "uniform"
+    """How nested dropout draws a truncation in ``[0, hidden_width)``: ``uniform`` (the reference), or ``log``
+    (log-uniform in truncation + 1: at width 128, 45% of draws fall below 8, against one in 16 for a uniform draw),
+    so the dial's low end, where editability is decided, trains about as often as its high end."""
     nested_dropout_per_prompt: bool = False
     """Nested dropout draws one truncation per (prompt, timestep) group, shared by all its layers' rows, as a
     generation truncates every layer alike (False: each layer row draws its own, as the reference code does).
@@ -668,16 +672,39 @@ def _row_truncations(
     draws the same.
     """
     rows = torch.full((prompts, n_layers), -1, dtype=torch.long)
-    if config.nested_dropout_per_prompt and float(torch.rand((), generator=generator)) < config.nested_dropout:
-        rows[:] = torch.randint(0, width, (prompts, 1), generator=generator)
+    per_prompt = config.nested_dropout_per_prompt
+    if _draws_own_truncations(config) and float(torch.rand((), generator=generator)) < config.nested_dropout:
+        shape = (prompts, 1) if per_prompt else (prompts, n_layers)
+        rows[:] = draw_truncations(shape, width, config.nested_dropout_sampling, generator)
     if contexts and config.context_dial > 0:
-        shape = (contexts, 1) if config.nested_dropout_per_prompt else (contexts, n_layers)
-        rows[prompts - contexts :] = torch.randint(0, width, shape, generator=generator)
+        shape = (contexts, 1) if per_prompt else (contexts, n_layers)
+        rows[prompts - contexts :] = draw_truncations(shape, width, config.nested_dropout_sampling, generator)
     context_rows = rows[prompts - contexts :].flatten()
     context_rows = torch.where(context_rows >= 0, context_rows, width)
-    if not config.nested_dropout_per_prompt and config.context_dial <= 0:
+    if not _draws_own_truncations(config) and config.context_dial <= 0:
         return None, context_rows
     return rows.flatten(), context_rows
+
+
+def _draws_own_truncations(config: NetiConfig) -> bool:
+    """Whether the loop draws nested dropout's truncations itself (`_row_truncations`) rather than the mapper's
+    uniform per-row draw."""
+    return config.nested_dropout_per_prompt or config.nested_dropout_sampling != "uniform"
+
+
+def draw_truncations(
+    shape: tuple[int, ...], width: int, sampling: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Nested-dropout truncations in ``[0, width)``: uniform, or ``log`` (``floor((width + 1) ** u) - 1`` for ``u``
+    uniform in [0, 1): truncation + 1 is log-uniform, so each doubling of it is drawn about as often).
+
+    >>> draw_truncations((4096,), 128, "log", torch.Generator().manual_seed(0)).lt(8).float().mean().item() > 0.4
+    True
+    """
+    if sampling == "uniform":
+        return torch.randint(0, width, shape, generator=generator)
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return (torch.floor((width + 1.0) ** u) - 1).long().clamp(0, width - 1)
 
 
 def _load_latents(pipeline: Any, images: Path, resolution: int, fingerprint: str) -> torch.Tensor:
@@ -846,7 +873,7 @@ def train_neti(
                     outputs = mapper(
                         row_timesteps.float().repeat_interleave(n_layers),
                         layers.repeat(len(row_timesteps)),
-                        dropout=0.0 if config.nested_dropout_per_prompt else config.nested_dropout,
+                        dropout=0.0 if _draws_own_truncations(config) else config.nested_dropout,
                         row_truncations=None if truncations is None else truncations.to(device),
                     )
                     placed = [context.format(mapper.spec.placeholder_token) for context in contexts]
