@@ -76,8 +76,11 @@ comparisons, and 0.760 [0.715, 0.800] (+12.8 points) on users 8401-8408; on two 
 0.708 [0.661, 0.752] (8501-8508) and 0.833 [0.793, 0.867] (8601-8608): 0.759 [0.737, 0.780] pooled over the 32
 users (n=1536). Population mode (4 picks; ``--mode
 population --train-users 400 --init --branch FILE --set init_reader=judge --set population_encoder=attributes``) won
-0.703 [0.656, 0.747] (+13.8 points) on the held-out users and 0.609 [0.560, 0.657] (+14.3 points) on users
-8401-8408. ``--set steps=50 --set lr=1e-3`` (DPO from the start) left dev users 100 and 101 exactly where the start
+0.703 [0.656, 0.747] (+13.8 points) on the held-out users, 0.609 [0.560, 0.657] (+14.3 points) on users
+8401-8408, and on two more sets 0.628 [0.578, 0.674] (8501-8508, +15.9) and 0.669 [0.621, 0.714] (8601-8608, +16.4):
+0.652 [0.628, 0.676] pooled over the 32 users, short of 0.70. A 100-user proxy with no U-Net (the chosen attributes
+scored against each user's taste) puts this 4-pick inference at 0.723, against 0.882 for the best attributes.
+``--set steps=50 --set lr=1e-3`` (DPO from the start) left dev users 100 and 101 exactly where the start
 alone put them (the same wins and ties); at the default learning rate DPO lowered them (above).
 
 Prints per-user lines and the pooled win rate with its 95% Wilson interval. Targets (issue 8): user mode >= 76%,
