@@ -142,7 +142,11 @@ class NetiConfig:
     nested_dropout_sampling: Literal["uniform", "log"] = "uniform"
     """How nested dropout draws a truncation in ``[0, hidden_width)``: ``uniform`` (the reference), or ``log``
     (log-uniform in truncation + 1: at width 128, 45% of draws fall below 8, against one in 16 for a uniform draw),
-    so the dial's low end, where editability is decided, trains about as often as its high end."""
+    so the dial's low end, where editability is decided, trains about as often as its high end. Not better on `tiny`
+    (`bench/eval_neti.py` preset, matched in time with TI, truncations 128/32/8/2, one run each): robot-toy seeds
+    0/1/2 similarity 0.506/0.424/0.427/0.439, 0.425/0.446/0.386/0.404, 0.578/0.520/0.427/0.406 (TI 0.627, 0.440,
+    0.448), and full truncation lost new backgrounds (0.21, 0.54, 0.38, against 1.0, 0.67, 0.67 uniform);
+    hex-emblem seed 0 0.504/0.489/0.473/0.497 (TI 0.537). So uniform stays."""
     nested_dropout_per_prompt: bool = False
     """Nested dropout draws one truncation per (prompt, timestep) group, shared by all its layers' rows, as a
     generation truncates every layer alike (False: each layer row draws its own, as the reference code does).
