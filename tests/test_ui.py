@@ -206,3 +206,22 @@ def test_launch_refuses_to_open_the_studio_to_the_network_without_a_login(capsys
     code = main(["--home", str(home.root), "ui", "--host", "0.0.0.0"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: expected --auth") and err.count("\n") == 1
+
+
+def test_training_a_taste_from_the_ui_takes_the_base_models_recipe_unless_steps_are_typed(home):
+    from studio.preferences import PreferenceStore
+    from ui.common import PageContext
+    from ui.taste import train_taste
+
+    context = PageContext.create(home)
+    store = PreferenceStore(home)
+    for user in ("alice", "bob"):
+        for index in range(4):
+            red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+            store.add(user, f"a circle {index}", preferred=red, other=blue)
+    train_taste(context, "alice", None)
+    train_taste(context, "bob", 50)
+    recipe, typed = sorted(JobStore(home).list(), key=lambda job: job.id)
+    # Left empty, no step count is queued: the trainer resolves it (on tiny: the shipped start alone).
+    assert recipe.config["config"]["steps"] is None and recipe.config["config"]["init_from"] == "auto"
+    assert typed.config["config"]["steps"] == 50

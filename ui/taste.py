@@ -62,8 +62,9 @@ def pick(context: PageContext, user: str, pending: dict[str, Any] | None, choice
     return None, None, None, message
 
 
-def train_taste(context: PageContext, user: str, steps: float) -> str:
-    """Queue the training of ``user``'s preference adapter from their pairs."""
+def train_taste(context: PageContext, user: str, steps: float | None) -> str:
+    """Queue the training of ``user``'s preference adapter from their pairs; ``steps`` left empty takes the
+    trainer's recipe for the base model (on `tiny` its shipped start alone, `trainers.preference.resolve_start`)."""
     from studio.jobs import submit
 
     count = _store(context).count(user)
@@ -74,7 +75,7 @@ def train_taste(context: PageContext, user: str, steps: float) -> str:
         "preference",
         name=f"taste-{user}",
         base=context.base_model,
-        values={"mode": "user", "steps": int(steps)},
+        values={"mode": "user"} if steps is None else {"mode": "user", "steps": int(steps)},
         options={"user": user},
     )
     return f"queued job {job.id}: adapter 'taste-{user}' from {count} pairs (see the Train page)"
@@ -124,7 +125,8 @@ def build_page(context: PageContext) -> gr.Blocks:
             pick_right = gr.Button("Right is better")
         status = gr.Textbox(label="Status", interactive=False)
         with gr.Row():
-            train_steps = gr.Number(label="Training steps", value=300, precision=0)
+            # Empty: the trainer's recipe for the base model (on tiny, the shipped start alone, no DPO steps).
+            train_steps = gr.Number(label="Training steps (empty: the base model's recipe)", value=None, precision=0)
             train = gr.Button("Train my taste")
         with gr.Accordion("Liked and disliked attributes", open=False):
             liked = gr.Textbox(label="Liked (comma-separated)", placeholder="red, large, centered")
