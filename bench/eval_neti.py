@@ -137,8 +137,12 @@ TI 0.488 (background 1.00, colour 0.78); NeTI similarity 0.499, 0.486, 0.476, 0.
 0.99, colour 0.80, 0.82, 0.84, 0.88. On the seven-seed mean full truncation is at TI (+0.011, sd 0.093, standard
 error 0.035; the width-128 preset on the same seeds: -0.024) and all three curves are monotone over all four
 settings. Per seed they are not: NeTI is below TI on seeds 0 and 4, and similarity falls over all four settings only
-on seed 2. Hex-emblem seed 0: similarity 0.514, 0.504, 0.509, 0.514 against TI 0.537, background 0.50, 0.20, 0.30,
-0.33 (the width-128 preset: 0.495, 0.493, 0.488, 0.469; background 0.25, 0.28, 0.98, 0.88).
+on seed 2. The other two shipped concepts (``--concept C --eval-seeds 8``, n=40 per cell), means over seeds:
+hex-emblem (0-2) similarity 0.497, 0.506, 0.515, 0.510 against TI 0.520, background 0.78, 0.73, 0.77, 0.74, colour
+0.41, 0.57, 0.51, 0.64: below TI, and the dial moves compliance a little and similarity not at all (seed 0 with the
+width-128 preset: 0.495, 0.493, 0.488, 0.469 against TI 0.537). Crescent-moon (0-1) similarity 0.346, 0.395, 0.356,
+0.277 against TI 0.279, background 0.76, 1.00, 1.00, 1.00, colour 0.48, 0.36, 0.75, 0.97: above TI, and monotone
+from 16 down.
 """
 
 
