@@ -201,7 +201,9 @@ def main() -> None:
     # The strongest TI recipe bench/eval_textual_inversion.py found on tiny, so NeTI is compared with TI at its best.
     parser.add_argument("--ti-lr", type=float, default=5e-3)
     parser.add_argument("--ti-vectors", type=int, default=4)
-    parser.add_argument("--truncations", default="32,16,8,2")
+    parser.add_argument(
+        "--truncations", default="", help="comma-separated, full first (default: the mapper's width, 1/2, 1/4, 2)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the evaluation images")
     parser.add_argument(
         "--preset",
@@ -267,7 +269,11 @@ def main() -> None:
     service = PipelineService(load_base_model("tiny"), adapter_source=library)
     judge = Judge.load()
     cases = [("base (class noun)", concept.class_noun, []), ("textual inversion", token, [AdapterRef("ti")])]
-    truncations = [int(value) for value in args.truncations.split(",")]
+    # Full first: the acceptance compares the full representation with TI.
+    width = neti_config.hidden_width
+    truncations = (
+        [int(v) for v in args.truncations.split(",")] if args.truncations else [width, width // 2, width // 4, 2]
+    )
     for truncation in truncations:
         ref = AdapterRef("neti", options={"truncation": float(truncation)})
         cases.append((f"neti truncation={truncation}", token, [ref]))
