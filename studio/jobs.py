@@ -423,13 +423,19 @@ def _config_method(
     train: Callable[[Any, dict[str, Any], JobContext], Mapping[str, Any]],
     option_flags: tuple[str, ...] = (),
     needs_images: bool = True,
+    recipe: str = "",
     **flags: str,
 ) -> JobMethod:
-    """A method whose options hold its effective config (from `trainers.core.config.load_config`)."""
+    """A method whose options hold its effective config (from `trainers.core.config.load_config`). ``recipe`` names
+    the trainer's ``base -> measured defaults`` function (e.g. `trainers.neti.base_recipe`), applied under the
+    job's own values."""
+
+    def imported(dotted: str) -> Any:
+        module, _, attribute = dotted.rpartition(".")
+        return getattr(__import__(module, fromlist=[attribute]), attribute)
 
     def config_class_object() -> type:
-        module, _, attribute = config_class.rpartition(".")
-        return getattr(__import__(module, fromlist=[attribute]), attribute)
+        return imported(config_class)
 
     def prepare(options: dict[str, Any]) -> dict[str, Any]:
         from trainers.core.config import config_to_dict, load_config
@@ -437,6 +443,7 @@ def _config_method(
         cls = config_class_object()
         config = load_config(
             cls,
+            recipe=imported(recipe)(options.get("base")) if recipe else None,
             toml_path=options.pop("config_file", None),
             values=options.get("config") or {},
             overrides=options.pop("set", None) or [],
@@ -546,6 +553,7 @@ for _method in (
         "neti",
         "trainers.neti.NetiConfig",
         _train_neti,
+        recipe="trainers.neti.base_recipe",
         token="placeholder_token",
         super_category="super_category",
     ),

@@ -117,6 +117,9 @@ def test_cli_trains_into_the_library(images, home, monkeypatch):
     assert train_from_cli(args, home) == 0
     info = AdapterLibrary(home).show("toy")
     assert info.kind == "neti" and info.placeholder_tokens == [TOKEN]
+    # On the embedded base the studio's measured recipe applies where --set is silent (BASE_RECIPES["tiny"]).
+    spec = mapper_from_adapter(AdapterLibrary(home).load("toy")).spec
+    assert spec.hidden_width == 32 and spec.num_vectors == 4
     args.token, args.name = "toy", "other"
     with pytest.raises(InvalidInputError, match="placeholder_token"):
         train_from_cli(args, home)
@@ -296,3 +299,15 @@ def test_log_nested_dropout_draws_the_dials_low_end_as_often_as_its_high_end(ima
     assert 0.4 < float((draws < 8).float().mean()) < 0.5 and int(draws.max()) == 127
     uniform = draw_truncations((20000,), 128, "uniform", torch.Generator().manual_seed(0))
     assert float((uniform < 8).float().mean()) < 0.08
+
+
+def test_queued_neti_runs_take_the_base_models_recipe_unless_a_key_is_set(images, home):
+    from studio.jobs import submit
+
+    values = {"placeholder_token": TOKEN, "super_category": "toy"}
+    on_tiny = submit(home, "neti", name="a", images=images, base="tiny", values=values).config["config"]
+    assert on_tiny["hidden_width"] == 32 and on_tiny["context_dial"] == 1.0 and on_tiny["steps"] == 225
+    typed = submit(home, "neti", name="b", images=images, base="tiny", values=values, overrides=["hidden_width=64"])
+    assert typed.config["config"]["hidden_width"] == 64 and typed.config["config"]["num_vectors"] == 4
+    elsewhere = submit(home, "neti", name="c", images=images, base="some/sd15", values=values).config["config"]
+    assert elsewhere["hidden_width"] == NetiConfig.hidden_width and elsewhere["steps"] == NetiConfig.steps

@@ -80,6 +80,17 @@ def test_toml_overrides_defaults_and_set_overrides_toml(tmp_path: Path) -> None:
     assert cfg.alpha == 4.0  # untouched default
 
 
+def test_a_base_models_recipe_sits_under_the_file_and_set(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("lr = 0.0002\n")
+    recipe = {"rank": 16, "lr": 1e-3, "alpha": 8.0}
+    cfg = load_config(SampleConfig, recipe=recipe, toml_path=job, overrides=["alpha=2"])
+    assert cfg.rank == 16  # the recipe wins over the default
+    assert cfg.lr == pytest.approx(2e-4)  # the file wins over the recipe
+    assert cfg.alpha == 2.0  # --set wins over the recipe
+    assert recipe == {"rank": 16, "lr": 1e-3, "alpha": 8.0}  # the recipe itself is left as it was
+
+
 def test_unknown_key_names_the_key_and_close_matches(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"unknown config key 'rnak'.*'rank'"):
         load_config(SampleConfig, overrides=["rnak=8"])

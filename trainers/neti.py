@@ -81,7 +81,9 @@ __all__ = [
     "MapperSpec",
     "NetiConfig",
     "NetiMapper",
+    "BASE_RECIPES",
     "apply_bypass",
+    "base_recipe",
     "build_mapper",
     "context_dial_weights",
     "context_preservation_loss",
@@ -225,6 +227,37 @@ class NetiConfig:
                 f"config keys {', '.join(repr(key) for key in keys)} expect values >= 0, got "
                 f"{', '.join(str(value) for value in values)}"
             )
+
+
+BASE_RECIPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "steps": 225,
+        "num_vectors": 4,
+        "norm_scale": 3.0,
+        "init_from_super_category": True,
+        "freeze_super_category": True,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "conditioning_groups": 1,
+        "context_weight": 0.5,
+        "context_margin": 0.09,
+        "context_dial": 1.0,
+        "hidden_width": 32,
+    },
+}
+"""Measured defaults per base model, under the TOML file, the UI's values and ``--set`` (`load_config`'s
+``recipe``). The field defaults are the paper's SD1.4 recipe; on the embedded `tiny` one token at the word's norm
+barely moves the images, so `tiny` has its own, measured against textual inversion in bench/eval_neti.py (why each
+key, and the curves): about half a minute on a laptop CPU."""
+
+
+def base_recipe(base: str | None) -> dict[str, Any]:
+    """`BASE_RECIPES` entry for the base model named ``base`` (``None``: the default base, `tiny`), else ``{}``.
+
+    >>> base_recipe("tiny")["hidden_width"], base_recipe("runwayml/stable-diffusion-v1-5")
+    (32, {})
+    """
+    return dict(BASE_RECIPES.get(base or "tiny", {}))
 
 
 @dataclass(frozen=True)
@@ -965,7 +998,13 @@ def train_from_cli(args: argparse.Namespace, home: Any) -> int:
         overrides.append(f"placeholder_token={args.token}")
     if getattr(args, "super_category", None):
         overrides.append(f"super_category={args.super_category}")
-    config = load_config(NetiConfig, toml_path=getattr(args, "config", None), values=values, overrides=overrides)
+    config = load_config(
+        NetiConfig,
+        recipe=base_recipe(args.base),
+        toml_path=getattr(args, "config", None),
+        values=values,
+        overrides=overrides,
+    )
     if not images:
         raise InvalidInputError("expected --images DIR with the concept's pictures, found none")
     if not config.placeholder_token or not config.super_category:

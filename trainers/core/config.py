@@ -83,11 +83,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 def load_config(
     cls: type[C],
     *,
+    recipe: Mapping[str, Any] | None = None,
     toml_path: str | Path | None = None,
     values: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
 ) -> C:
-    """Build a config: field defaults, then the TOML file, then ``values`` (e.g. from a UI), then ``--set`` overrides.
+    """Build a config: field defaults, then the base model's ``recipe`` (a trainer's measured defaults for that
+    model), then the TOML file, then ``values`` (e.g. from a UI), then ``--set`` overrides.
 
     Raises `InvalidInputError` for an unreadable TOML file, an unknown key (with close matches), a value that does
     not fit its field's type, or a failed ``validate()``.
@@ -95,7 +97,7 @@ def load_config(
     >>> cfg = load_config(LoraConfig, overrides=["rank=8"])  # doctest: +SKIP
     """
     _require_dataclass(cls)
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = dict(recipe or {})
     if toml_path is not None:
         merged.update(_read_toml(Path(toml_path)))
     if values:
