@@ -240,3 +240,19 @@ def test_adapters_list_json_on_an_empty_home_with_the_real_library(capsys, home)
     code, out, err = run(capsys, "--home", str(home.root), "adapters", "list", "--json")
     assert code == 0, err
     assert json.loads(out) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "neti", "--token", "<my-toy>", "--super-category", "toy"],
+        ["train", "dreambooth", "--token", "sks", "--class-noun", "toy"],
+        ["train", "textual-inversion", "--token", "<my-toy>", "--init-word", "toy"],
+    ],
+)
+def test_a_mistyped_images_folder_is_a_one_line_error_that_leaves_no_run_behind(capsys, home, tmp_path, argv):
+    missing = tmp_path / "phtos"
+    code, _, err = run(capsys, "--home", str(home.root), *argv, "--images", str(missing), "--name", "toy")
+    assert code != 0
+    assert err == f"error: image folder {missing} does not exist or is not a folder\n"
+    assert not any(home.runs.rglob("*")) if home.runs.exists() else True

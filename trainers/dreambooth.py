@@ -48,7 +48,14 @@ from trainers.core.checkpoint import latest_checkpoint, load_checkpoint, restore
 from trainers.core.class_images import class_images
 from trainers.core.conditioning import encode_prompts, unet_inputs
 from trainers.core.config import config_to_dict, expect_non_negative, expect_positive, load_config
-from trainers.core.data import BucketBatchSampler, ImageFolderDataset, fit_to_bucket, load_image_rgb, repeat_batches
+from trainers.core.data import (
+    BucketBatchSampler,
+    ImageFolderDataset,
+    expect_image_folder,
+    fit_to_bucket,
+    load_image_rgb,
+    repeat_batches,
+)
 from trainers.core.lora import (
     eject_lora,
     inject_lora,
@@ -673,6 +680,7 @@ def train_from_cli(args: Any, home: Any) -> int:
                 f"an interrupted run of '{name}' exists in {run_dir}; continue it with --resume {run_dir} "
                 "or remove that folder"
             )
+    expect_image_folder(images)
     # A taken name fails now, not after training.
     if config.mode == "lora" and library.exists(name):
         raise AlreadyExistsError(f"an adapter named '{name}' already exists; choose another --name or remove it first")

@@ -68,6 +68,7 @@ from torch import nn
 from studio.adapter_files import AdapterFile, AdapterMetadata
 from studio.errors import CorruptFileError, InvalidInputError
 from trainers.core.config import config_to_dict, expect_in_range, expect_positive, load_config
+from trainers.core.data import expect_image_folder
 from trainers.core.embeddings import init_vector, validate_placeholder_token
 from trainers.core.progress import ProgressEvent
 
@@ -1015,6 +1016,7 @@ def train_from_cli(args: argparse.Namespace, home: Any) -> int:
     validate_placeholder_token(config.placeholder_token)
     if not name:
         raise InvalidInputError("expected --name NAME for the trained adapter, found none")
+    expect_image_folder(images)
     home.ensure()
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"name": name, "images": str(images), "base": args.base, "config": config_to_dict(config)}

@@ -55,7 +55,7 @@ from trainers.core.config import (
     expect_positive,
     load_config,
 )
-from trainers.core.data import ImageFolderDataset
+from trainers.core.data import ImageFolderDataset, expect_image_folder
 from trainers.core.embeddings import (
     MAX_VECTORS,
     TrainableRows,
@@ -591,6 +591,7 @@ def train_from_cli(args: argparse.Namespace, home: StudioHome) -> int:
     if "placeholder_token" not in values or "init_word" not in values:
         raise InvalidInputError('expected --token "<my-toy>" and --init-word WORD for textual inversion')
     config = load_config(TextualInversionConfig, toml_path=args.config, values=values, overrides=args.set or [])
+    expect_image_folder(images)  # before the base model loads
     info = train_textual_inversion(
         config,
         images,

@@ -38,6 +38,7 @@ __all__ = [
     "TrainingBatch",
     "TrainingExample",
     "collate_examples",
+    "expect_image_folder",
     "fit_to_bucket",
     "load_image_rgb",
     "load_mask",
@@ -253,6 +254,15 @@ class TrainingBatch:
     paths: list[Path] = field(default_factory=list)
 
 
+def expect_image_folder(path: str | Path) -> Path:
+    """``path`` as a `Path` if it is a folder; else the one-line error a trainer gives for its ``--images``. Trainers
+    call it before they write a run folder, so a mistyped path leaves nothing behind."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InvalidInputError(f"image folder {folder} does not exist or is not a folder")
+    return folder
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """All usable images of a folder, loaded once, converted to RGB and fitted to aspect-ratio buckets.
 
@@ -288,8 +298,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         self.resolution = resolution
         self.bucket_sizes = make_buckets(resolution, step=bucket_step) if buckets else [(resolution, resolution)]
-        if not self.root.is_dir():
-            raise InvalidInputError(f"image folder {self.root} does not exist or is not a folder")
+        expect_image_folder(self.root)
         mask_root = Path(mask_dir) if mask_dir is not None else None
         if mask_root is not None and not mask_root.is_dir():
             raise InvalidInputError(f"mask folder {mask_root} does not exist or is not a folder")
