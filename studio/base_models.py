@@ -108,6 +108,23 @@ class BaseModel:
         return dict(self._shape_table)
 
 
+def canonical_base_name(spec: str | None) -> str:
+    """``tiny`` for the embedded default however it is named (nothing, ``tiny``, or a path to its folder), else
+    ``spec`` as given: what per-base settings (a trainer's measured recipe) are keyed by.
+
+    >>> canonical_base_name(None), canonical_base_name(str(tiny_model_path()) + "/"), canonical_base_name("my/model")
+    ('tiny', 'tiny', 'my/model')
+    """
+    text = str(spec or "").strip()
+    if not text or text == TINY:
+        return TINY
+    try:
+        same = Path(text).expanduser().resolve() == tiny_model_path().resolve()
+    except OSError:  # a hub id or a name no filesystem can resolve is not the embedded folder
+        same = False
+    return TINY if same else text
+
+
 def load_base_model(
     spec: str = TINY,
     *,

@@ -12,7 +12,7 @@ from studio.base_models import BaseModel
 from studio.errors import InvalidInputError
 from studio.families import SD1
 from studio.library import AdapterLibrary
-from studio.testing import build_tiny_sd1_pipeline, build_tiny_sdxl_pipeline
+from studio.testing import build_tiny_sd1_pipeline, build_tiny_sdxl_pipeline, tiny_model_path
 from trainers.core.config import load_config
 from trainers.core.progress import LossHistory
 from trainers.neti import NetiConfig, build_mapper, mapper_from_adapter, train_from_cli, train_neti
@@ -311,3 +311,5 @@ def test_queued_neti_runs_take_the_base_models_recipe_unless_a_key_is_set(images
     assert typed.config["config"]["hidden_width"] == 64 and typed.config["config"]["num_vectors"] == 4
     elsewhere = submit(home, "neti", name="c", images=images, base="some/sd15", values=values).config["config"]
     assert elsewhere["hidden_width"] == NetiConfig.hidden_width and elsewhere["steps"] == NetiConfig.steps
+    by_path = submit(home, "neti", name="d", images=images, base=str(tiny_model_path()), values=values)
+    assert by_path.config["config"]["hidden_width"] == 32, "the embedded model's folder is tiny too"

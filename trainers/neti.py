@@ -253,12 +253,15 @@ key, and the curves): about half a minute on a laptop CPU."""
 
 
 def base_recipe(base: str | None) -> dict[str, Any]:
-    """`BASE_RECIPES` entry for the base model named ``base`` (``None``: the default base, `tiny`), else ``{}``.
+    """`BASE_RECIPES` entry for the base model ``base`` (``None``, ``tiny`` or the path of its folder: the embedded
+    default), else ``{}``.
 
     >>> base_recipe("tiny")["hidden_width"], base_recipe("runwayml/stable-diffusion-v1-5")
     (32, {})
     """
-    return dict(BASE_RECIPES.get(base or "tiny", {}))
+    from studio.base_models import canonical_base_name
+
+    return dict(BASE_RECIPES.get(canonical_base_name(base), {}))
 
 
 @dataclass(frozen=True)
