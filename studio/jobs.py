@@ -542,12 +542,18 @@ for _method in (
         "textual-inversion",
         "trainers.textual_inversion.TextualInversionConfig",
         _train_textual_inversion,
+        recipe="trainers.textual_inversion.base_recipe",
         token="placeholder_token",
         init_word="init_word",
         num_vectors="num_vectors",
     ),
     _config_method(
-        "dreambooth", "trainers.dreambooth.DreamBoothConfig", _train_dreambooth, token="token", class_noun="class_noun"
+        "dreambooth",
+        "trainers.dreambooth.DreamBoothConfig",
+        _train_dreambooth,
+        recipe="trainers.dreambooth.base_recipe",
+        token="token",
+        class_noun="class_noun",
     ),
     _config_method(
         "neti",

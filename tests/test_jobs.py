@@ -238,6 +238,27 @@ def test_studio_train_queue_stores_the_effective_config_and_trains_nothing(capsy
     assert code == 2 and "stepz" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("method", "flags", "recipe"),
+    [
+        ("textual-inversion", ["--token", "<toy>", "--init-word", "toy"], {"num_vectors": 4, "lr": 5e-3, "steps": 300}),
+        ("dreambooth", ["--token", "sks", "--class-noun", "toy"], {"rank": 8, "lr": 1e-3, "steps": 300}),
+    ],
+)
+def test_training_on_tiny_takes_its_measured_recipe_and_a_set_key_wins(capsys, home, tmp_path, method, flags, recipe):
+    """The field defaults are SD1.x recipes, which learn nothing on the embedded model in their time."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    argv = ["--home", str(home.root), "train", method, "--images", str(images), *flags, "--queue"]
+    assert main([*argv, "--name", "a"]) == 0
+    assert main([*argv, "--name", "b", "--set", "steps=7"]) == 0
+    assert main([*argv, "--name", "c", "--base", "some/sd15"]) == 0
+    on_tiny, typed, elsewhere = (JobStore(home).get(i).config["config"] for i in (1, 2, 3))
+    assert {key: on_tiny[key] for key in recipe} == recipe
+    assert typed["steps"] == 7 and all(typed[key] == on_tiny[key] for key in recipe if key != "steps")
+    assert all(elsewhere[key] != value for key, value in recipe.items())
+
+
 def _worker_process(home: StudioHome, log: Path) -> subprocess.Popen:
     # A real worker process that knows the fake method: this test module registers it on import.
     code = (

@@ -161,7 +161,7 @@ def test_train_a_shipped_concept_watch_it_finish_and_generate_with_it(page, serv
     _textbox(train, "Adapter name").fill("robot")
     _textbox(train, "Trigger word / placeholder token").fill("<robot>")
     _textbox(train, "Init word / class noun / super-category").fill(concept.class_noun)
-    _textbox(train, "Steps").fill(str(TRAIN_STEPS))
+    _textbox(train, "Steps (0: method default)").fill(str(TRAIN_STEPS))
     train.get_by_role("button", name="Queue training").click()
     status = _textbox(train, "Status")
     page.wait_for_function("el => el.value.startsWith('queued job')", arg=status.element_handle(), timeout=60_000)

@@ -67,7 +67,7 @@ from torch import nn
 
 from studio.adapter_files import AdapterFile, AdapterMetadata
 from studio.errors import CorruptFileError, InvalidInputError
-from trainers.core.config import config_to_dict, expect_in_range, expect_positive, load_config
+from trainers.core.config import config_to_dict, expect_in_range, expect_positive, load_config, recipe_for
 from trainers.core.data import expect_image_folder
 from trainers.core.embeddings import init_vector, validate_placeholder_token
 from trainers.core.progress import ProgressEvent
@@ -259,9 +259,7 @@ def base_recipe(base: str | None) -> dict[str, Any]:
     >>> base_recipe("tiny")["hidden_width"], base_recipe("runwayml/stable-diffusion-v1-5")
     (32, {})
     """
-    from studio.base_models import canonical_base_name
-
-    return dict(BASE_RECIPES.get(canonical_base_name(base), {}))
+    return recipe_for(BASE_RECIPES, base)
 
 
 @dataclass(frozen=True)

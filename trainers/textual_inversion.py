@@ -54,6 +54,7 @@ from trainers.core.config import (
     expect_non_negative,
     expect_positive,
     load_config,
+    recipe_for,
 )
 from trainers.core.data import ImageFolderDataset, expect_image_folder
 from trainers.core.embeddings import (
@@ -80,7 +81,9 @@ from trainers.core.runtime import enable_gradient_checkpointing, make_accelerato
 from trainers.core.templates import CONTEXT_TEMPLATES, caption_prompt, template_prompt, templates_for
 
 __all__ = [
+    "BASE_RECIPES",
     "TextualInversionConfig",
+    "base_recipe",
     "bundle_embedding_keys",
     "split_pivotal_adapter",
     "train_from_cli",
@@ -175,6 +178,21 @@ _RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints"}
 # --------------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------------
+
+
+BASE_RECIPES: dict[str, dict[str, Any]] = {"tiny": {"num_vectors": 4, "lr": 5e-3, "steps": 300}}
+"""Measured defaults per base model, under the TOML file, the UI's values and ``--set`` (`load_config`'s
+``recipe``). The field defaults are the diffusers example's SD1.x recipe. On the embedded `tiny` (one CPU thread,
+``python bench/eval_textual_inversion.py --concept C --core-weight 0`` with ``--variants 1 --steps 1000 --lr 5e-4``,
+then ``--variants 4 --steps 300 --lr 5e-3``), one vector at lr 5e-4 in 1000 steps learned robot-toy not at all
+(similarity 0.409, base model 0.420; 117 s) and hex-emblem to 0.551 (base 0.428; 112 s); four vectors at lr 5e-3 in
+300 steps reached 0.620 and 0.531 in a third to a half of the time (34 s and 51 s)."""
+
+
+def base_recipe(base: str | None) -> dict[str, Any]:
+    """`BASE_RECIPES` entry for the base model ``base`` (``None``, ``tiny`` or its folder: the embedded default), else
+    ``{}``."""
+    return recipe_for(BASE_RECIPES, base)
 
 
 def train_textual_inversion(
@@ -590,7 +608,13 @@ def train_from_cli(args: argparse.Namespace, home: StudioHome) -> int:
             values[key] = getattr(args, option)
     if "placeholder_token" not in values or "init_word" not in values:
         raise InvalidInputError('expected --token "<my-toy>" and --init-word WORD for textual inversion')
-    config = load_config(TextualInversionConfig, toml_path=args.config, values=values, overrides=args.set or [])
+    config = load_config(
+        TextualInversionConfig,
+        recipe=base_recipe(base),
+        toml_path=args.config,
+        values=values,
+        overrides=args.set or [],
+    )
     expect_image_folder(images)  # before the base model loads
     info = train_textual_inversion(
         config,

@@ -27,6 +27,8 @@ FIELDS = {
     "neti": {"token": "placeholder_token", "super_category": "super_category"},
 }
 COMMON_FIELDS = {"steps": "steps", "lr": "lr", "seed": "seed"}
+# Number fields where 0 means "the method's default" (its measured recipe for the base model, else the field default).
+DEFAULT_WHEN_ZERO = ("steps", "lr", "num_vectors", "rank")
 POLL_SECONDS = 2.0
 MAX_SAMPLES = 8
 
@@ -66,7 +68,7 @@ def queue_training(
     values = {}
     for field, key in mapping.items():
         value = given.get(field)
-        if value in (None, "") or (field == "lr" and not value):
+        if value in (None, "") or (field in DEFAULT_WHEN_ZERO and not value):
             continue
         values[key] = int(value) if isinstance(value, float) and value.is_integer() and field != "lr" else value
     lines = [line.strip() for line in (overrides or "").splitlines() if line.strip()]
@@ -177,7 +179,7 @@ def build_page(context: PageContext) -> gr.Blocks:
                 method = gr.Radio(methods, value=methods[0] if methods else None, label="Method")
                 with gr.Row():
                     name = gr.Textbox(label="Adapter name", placeholder="my-toy", scale=2)
-                    steps = gr.Number(label="Steps", value=500, precision=0, scale=1)
+                    steps = gr.Number(label="Steps (0: method default)", value=0, precision=0, scale=1)
                 with gr.Row():
                     token = gr.Textbox(label="Trigger word / placeholder token", placeholder="<my-toy>")
                     word = gr.Textbox(label="Init word / class noun / super-category", placeholder="toy")
@@ -186,8 +188,10 @@ def build_page(context: PageContext) -> gr.Blocks:
                         lr = gr.Number(label="Learning rate (0: method default)", value=0)
                         seed = gr.Number(label="Seed", value=0, precision=0)
                     with gr.Row():
-                        num_vectors = gr.Number(label="Vectors per token (textual inversion)", value=1, precision=0)
-                        rank = gr.Number(label="LoRA rank (DreamBooth)", value=4, precision=0)
+                        num_vectors = gr.Number(
+                            label="Vectors per token (textual inversion; 0: method default)", value=0, precision=0
+                        )
+                        rank = gr.Number(label="LoRA rank (DreamBooth; 0: method default)", value=0, precision=0)
                     overrides = gr.Textbox(label="More options, one key=value per line", lines=3)
                 submit_button = gr.Button("Queue training", variant="primary")
                 status = gr.Textbox(label="Status", interactive=False)

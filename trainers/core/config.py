@@ -106,6 +106,18 @@ def load_config(
     return config_from_dict(cls, merged)
 
 
+def recipe_for(recipes: Mapping[str, Mapping[str, Any]], base: str | None) -> dict[str, Any]:
+    """A trainer's measured recipe for the base model ``base`` (``recipes`` keyed by base model; ``None``, ``tiny`` and
+    the embedded model's folder all mean ``tiny``), as a new dict: ``{}`` for a base model with none.
+
+    >>> recipe_for({"tiny": {"steps": 300}}, None), recipe_for({"tiny": {"steps": 300}}, "my/sd15")
+    ({'steps': 300}, {})
+    """
+    from studio.base_models import canonical_base_name
+
+    return dict(recipes.get(canonical_base_name(base), {}))
+
+
 def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     """Build a config from a mapping of option name to value (strings are coerced); missing options keep defaults.
 
