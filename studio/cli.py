@@ -254,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME[:WEIGHT][,KEY=VALUE]",
-        help="adapter from the library, e.g. my-dog:0.8 or neti-cat:truncation=64,encode_steps=3 (repeatable; NeTI "
-        "encode_steps: the text encoder runs exactly at this many timesteps of the grid, its ends included, the others "
-        "blend them; 0 = every timestep; default 2)",
+        help="adapter from the library, e.g. my-dog:0.8 or neti-cat:truncation=8,encode_steps=3 (repeatable; NeTI "
+        "truncation: 1 to the mapper's width, default the full width (32 on tiny, 128 elsewhere), lower follows the "
+        "prompt more; encode_steps: the text encoder runs exactly at this many timesteps of the grid, its ends "
+        "included, the others blend them; 0 = every timestep; default 2)",
     )
     generate.add_argument("--base", metavar="MODEL", default="tiny", help="base model (default: tiny)")
     generate.add_argument("--seed", type=int, metavar="N")

@@ -35,7 +35,8 @@ def test_generate_help_names_the_neti_options(capsys):
     code, out, _ = run(capsys, "generate", "--help")
     assert code == 0
     text = " ".join(out.split())  # argparse wraps the help text
-    assert "truncation=64,encode_steps=3" in text and "0 = every timestep" in text
+    assert "truncation=8,encode_steps=3" in text and "0 = every timestep" in text
+    assert "32 on tiny" in text, "the example and the range fit the default base model"
 
 
 def test_console_entry_point_runs_as_a_module():
