@@ -220,6 +220,25 @@ def test_each_page_fits_a_1280x800_window_with_its_main_buttons_reachable(page, 
         assert box["y"] >= 0 and box["y"] + box["height"] <= VIEWPORT["height"], f"'{name}' is off screen: {box}"
 
 
+def test_every_column_of_the_generate_pages_adapter_table_shows_without_scrolling_it(page):
+    from ui.generate import ADAPTER_COLUMNS
+
+    generate = _open(page, "Generate")
+    _settle(page)
+    table = generate.locator("table").filter(has_text="encode_steps").first
+    # Each header's right edge against the box that clips it (the nearest ancestor that scrolls or hides overflow).
+    edges = """el => {
+        let box = el.parentElement;
+        while (box && !['auto', 'scroll', 'hidden'].includes(getComputedStyle(box).overflowX)) box = box.parentElement;
+        const frame = (box || document.documentElement).getBoundingClientRect();
+        return [el.getBoundingClientRect().right, Math.min(frame.right, window.innerWidth)];
+    }"""
+    for column in ADAPTER_COLUMNS:
+        header = table.get_by_role("columnheader").filter(has_text=column).first
+        right, visible = header.evaluate(edges)
+        assert right <= visible + 1, f"the adapter table's '{column}' column is cut off ({right:.0f} > {visible:.0f})"
+
+
 def test_bad_input_shows_a_message_in_the_page_never_a_traceback(page):
     # Generate with an empty prompt, then with a size the model cannot make.
     generate = _open(page, "Generate")

@@ -173,7 +173,8 @@ def build_page(context: PageContext) -> gr.Blocks:
             with gr.Column(scale=1, min_width=160):
                 run = gr.Button("Generate", variant="primary", size="lg")
         with gr.Row():
-            with gr.Column(scale=2):
+            # Half the page each: the adapter table's six columns need about 560 pixels to show whole at 1280.
+            with gr.Column(scale=1):
                 with gr.Row():
                     seed = gr.Number(label="Seed (-1: random)", value=0, precision=0)
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
@@ -202,7 +203,7 @@ def build_page(context: PageContext) -> gr.Blocks:
                         interactive=True,
                     )
                     refresh = gr.Button("Refresh adapter list", size="sm")
-            with gr.Column(scale=3):
+            with gr.Column(scale=1):
                 # Two columns even for one image: a one-column grid makes a square as wide as the box and taller than
                 # it, cut off at the bottom. Two images show whole; more scroll inside the box.
                 gallery = gr.Gallery(
