@@ -215,13 +215,15 @@ def test_training_a_taste_from_the_ui_takes_the_base_models_recipe_unless_steps_
 
     context = PageContext.create(home)
     store = PreferenceStore(home)
-    for user in ("alice", "bob"):
+    for user in ("alice", "bob", "carol"):
         for index in range(4):
             red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
             store.add(user, f"a circle {index}", preferred=red, other=blue)
     train_taste(context, "alice", None)
     train_taste(context, "bob", 50)
-    recipe, typed = sorted(JobStore(home).list(), key=lambda job: job.id)
-    # Left empty, no step count is queued: the trainer resolves it (on tiny: the shipped start alone).
-    assert recipe.config["config"]["steps"] is None and recipe.config["config"]["init_from"] == "auto"
+    train_taste(context, "carol", 0)  # what the page shows and sends when the field is left alone
+    recipe, typed, shown = sorted(JobStore(home).list(), key=lambda job: job.id)
+    # Left empty or 0, no step count is queued: the trainer resolves it (on tiny: the shipped start alone).
+    for job in (recipe, shown):
+        assert job.config["config"]["steps"] is None and job.config["config"]["init_from"] == "auto"
     assert typed.config["config"]["steps"] == 50

@@ -63,7 +63,7 @@ def pick(context: PageContext, user: str, pending: dict[str, Any] | None, choice
 
 
 def train_taste(context: PageContext, user: str, steps: float | None) -> str:
-    """Queue the training of ``user``'s preference adapter from their pairs; ``steps`` left empty takes the
+    """Queue the training of ``user``'s preference adapter from their pairs; ``steps`` left empty or 0 takes the
     trainer's recipe for the base model (on `tiny` its shipped start alone, `trainers.preference.resolve_start`)."""
     from studio.jobs import submit
 
@@ -75,7 +75,7 @@ def train_taste(context: PageContext, user: str, steps: float | None) -> str:
         "preference",
         name=f"taste-{user}",
         base=context.base_model,
-        values={"mode": "user"} if steps is None else {"mode": "user", "steps": int(steps)},
+        values={"mode": "user", "steps": int(steps)} if steps else {"mode": "user"},
         options={"user": user},
     )
     return f"queued job {job.id}: adapter 'taste-{user}' from {count} pairs (see the Train page)"
@@ -125,8 +125,9 @@ def build_page(context: PageContext) -> gr.Blocks:
             pick_right = gr.Button("Right is better")
         status = gr.Textbox(label="Status", interactive=False)
         with gr.Row():
-            # Empty: the trainer's recipe for the base model (on tiny, the shipped start alone, no DPO steps).
-            train_steps = gr.Number(label="Training steps (empty: the base model's recipe)", value=None, precision=0)
+            # 0 (the page shows an empty number as 0): the trainer's recipe for the base model (on tiny, the shipped
+            # start alone, no DPO steps), as the Train page's fields at 0 are.
+            train_steps = gr.Number(label="Training steps (0: the base model's recipe)", value=0, precision=0)
             train = gr.Button("Train my taste")
         with gr.Accordion("Liked and disliked attributes", open=False):
             liked = gr.Textbox(label="Liked (comma-separated)", placeholder="red, large, centered")
