@@ -136,6 +136,24 @@ hex-emblem (0-2) similarity 0.497, 0.506, 0.515, 0.510 against TI 0.520, backgro
 width-128 preset: 0.495, 0.493, 0.488, 0.469 against TI 0.537). Crescent-moon (0-2) similarity 0.353, 0.384, 0.318,
 0.270 against TI 0.286, background 0.79, 0.99, 1.00, 1.00, colour 0.50, 0.42, 0.74, 0.88: above TI, and monotone
 from 16 down.
+
+Why hex-emblem loses backgrounds at every truncation, and what did not fix it (session 10; hex-emblem and robot-toy
+seed 0 unless named, 225 steps, n=40 and 24 per cell). The base model drawing the class noun repeated: "emblem" keeps
+the asked-for background in 0.88 of the images, two copies 0.85, three 0.82, four 0.23. The preset's four vectors
+start at the word and stay anchored there, so the dial's low end on hex-emblem is the word four times (background
+0.20-0.50 at every truncation on seed 0). Turning the bypass off at generation changes little (0.42 at 32, 0.30 at 2),
+nor does the word's own norm at truncation 2 (0.25). What was tried, none kept:
+
+- Later vectors anchored at the end-of-text token (a TI file of the word then three such tokens keeps 0.85):
+  backgrounds 0.95-0.98 at every truncation, but full-truncation similarity 0.465 (preset 0.514, TI 0.537) and on
+  robot-toy 0.431 (preset 0.587, TI 0.627); without the context term 0.461 and 0.427.
+- Three vectors (``--set num_vectors=3``, seeds 0-1): backgrounds 0.82-1.00, similarity 0.482, 0.467, 0.471, 0.459
+  against TI 0.528 (four vectors on the same seeds: 0.501).
+- The context margin scaled by the truncation (no allowance at the low end): backgrounds 0.18-0.20, similarity 0.479;
+  robot-toy 0.439 with backgrounds 0.42.
+- 300 steps instead of 225: robot-toy seed 1 0.461 (225: 0.466), hex-emblem seed 1 0.479 (0.487). More steps do not
+  lift full-truncation similarity, so a cheaper step would not either: the context prompt encoded for 4 of the 16
+  layers (22% less time a step) gave robot-toy seeds 0/1 0.535/0.393 (0.587/0.466) with backgrounds 0.46/0.25.
 """
 
 
