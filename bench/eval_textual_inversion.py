@@ -128,7 +128,7 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
     from studio.demo import DEMO_TRAINING
     from studio.world.evaluate import evaluate_concept_pair, evaluate_concepts_in_regions
     from trainers.core.config import load_config
-    from trainers.dreambooth import DreamBoothConfig, base_recipe, train_dreambooth
+    from trainers.dreambooth import BASE_RECIPES, DreamBoothConfig, train_dreambooth
 
     main = max((e for e in report["variants"].items() if not e[1]["core_weight"]), key=lambda e: e[1]["vectors"])
     other = next(c for c in SHIPPED_CONCEPTS.values() if c.name != concept.name)
@@ -138,7 +138,7 @@ def _compose(args, concept, images, library, work, service, judge, report, optio
     write_reference_folder(third, lora_images, with_captions=True)
     _train(other, other_images, library, work, name="other-ti", token=f"<{other.name}>", num_vectors=4, **options)
     values = {**DEMO_TRAINING, "token": "sks", "class_noun": third.class_noun}
-    db = load_config(DreamBoothConfig, recipe=base_recipe("tiny"), values=values)
+    db = load_config(DreamBoothConfig, recipe=BASE_RECIPES["tiny"], values=values)
     train_dreambooth(db, lora_images, load_base_model("tiny"), name="db-lora", library=library, run_dir=work / "db")
 
     members = {  # concept, prompt words, its adapter, whether it is the LoRA

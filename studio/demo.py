@@ -82,7 +82,7 @@ def run_demo(
     from studio.world.judge import Judge
     from trainers.core.config import load_config
     from trainers.core.progress import TqdmProgress
-    from trainers.dreambooth import DreamBoothConfig, base_recipe, train_dreambooth
+    from trainers.dreambooth import BASE_RECIPES, DreamBoothConfig, train_dreambooth
 
     if concept_name not in SHIPPED_CONCEPTS:
         raise InvalidInputError(
@@ -101,7 +101,7 @@ def run_demo(
     # 2. Train.
     base = load_base_model("tiny")
     values = {**DEMO_TRAINING, "token": "sks", "class_noun": concept.class_noun}
-    config = load_config(DreamBoothConfig, recipe=base_recipe("tiny"), values=values)
+    config = load_config(DreamBoothConfig, recipe=BASE_RECIPES["tiny"], values=values)
     callbacks = [TqdmProgress(description=f"training {name}")] if show_progress else []
     train_dreambooth(
         config, run_dir / "images", base, name=name, library=library, run_dir=run_dir / "train", progress=callbacks

@@ -423,12 +423,12 @@ def _config_method(
     train: Callable[[Any, dict[str, Any], JobContext], Mapping[str, Any]],
     option_flags: tuple[str, ...] = (),
     needs_images: bool = True,
-    recipe: str = "",
+    recipes: str = "",
     **flags: str,
 ) -> JobMethod:
-    """A method whose options hold its effective config (from `trainers.core.config.load_config`). ``recipe`` names
-    the trainer's ``base -> measured defaults`` function (e.g. `trainers.neti.base_recipe`), applied under the
-    job's own values."""
+    """A method whose options hold its effective config (from `trainers.core.config.load_config`). ``recipes`` names
+    the trainer's measured defaults per base model (e.g. `trainers.neti.BASE_RECIPES`); the job's base model's entry
+    applies under the job's own values, as in the trainer's CLI."""
 
     def imported(dotted: str) -> Any:
         module, _, attribute = dotted.rpartition(".")
@@ -438,12 +438,12 @@ def _config_method(
         return imported(config_class)
 
     def prepare(options: dict[str, Any]) -> dict[str, Any]:
-        from trainers.core.config import config_to_dict, load_config
+        from trainers.core.config import config_to_dict, load_config, recipe_for
 
         cls = config_class_object()
         config = load_config(
             cls,
-            recipe=imported(recipe)(options.get("base")) if recipe else None,
+            recipe=recipe_for(imported(recipes), options.get("base")) if recipes else None,
             toml_path=options.pop("config_file", None),
             values=options.get("config") or {},
             overrides=options.pop("set", None) or [],
@@ -542,7 +542,7 @@ for _method in (
         "textual-inversion",
         "trainers.textual_inversion.TextualInversionConfig",
         _train_textual_inversion,
-        recipe="trainers.textual_inversion.base_recipe",
+        recipes="trainers.textual_inversion.BASE_RECIPES",
         token="placeholder_token",
         init_word="init_word",
         num_vectors="num_vectors",
@@ -551,7 +551,7 @@ for _method in (
         "dreambooth",
         "trainers.dreambooth.DreamBoothConfig",
         _train_dreambooth,
-        recipe="trainers.dreambooth.base_recipe",
+        recipes="trainers.dreambooth.BASE_RECIPES",
         token="token",
         class_noun="class_noun",
     ),
@@ -559,7 +559,7 @@ for _method in (
         "neti",
         "trainers.neti.NetiConfig",
         _train_neti,
-        recipe="trainers.neti.base_recipe",
+        recipes="trainers.neti.BASE_RECIPES",
         token="placeholder_token",
         super_category="super_category",
     ),

@@ -71,7 +71,7 @@ from trainers.core.runtime import enable_gradient_checkpointing, make_accelerato
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASE_RECIPES", "DreamBoothConfig", "FineTunedModel", "base_recipe", "train_dreambooth", "train_from_cli"]
+__all__ = ["BASE_RECIPES", "DreamBoothConfig", "FineTunedModel", "train_dreambooth", "train_from_cli"]
 
 DEFAULT_LR = {"lora": 1e-4, "full": 5e-6}
 RUN_FILE = "run.json"
@@ -209,12 +209,6 @@ BASE_RECIPES: dict[str, dict[str, Any]] = {"tiny": {"rank": 8, "lr": 1e-3, "step
 ``python bench/eval_dreambooth.py --runs plain``, with and without ``--steps 500 --lr 1e-4 --rank 4 --set
 batch_size=1``) they reached similarity 0.491 (base model 0.420) in 34 s; a rank-8 LoRA at lr 1e-3 and batch 4
 reached 0.601 in 36 s. The demo trains with it."""
-
-
-def base_recipe(base: str | None) -> dict[str, Any]:
-    """`BASE_RECIPES` entry for the base model ``base`` (``None``, ``tiny`` or its folder: the embedded default), else
-    ``{}``."""
-    return recipe_for(BASE_RECIPES, base)
 
 
 def train_dreambooth(
@@ -687,7 +681,11 @@ def train_from_cli(args: Any, home: Any) -> int:
             raise InvalidInputError("expected --images DIR with the subject's photos, found none")
         name = sanitize_name(args.name)
         config = load_config(
-            DreamBoothConfig, recipe=base_recipe(args.base), toml_path=args.config, values=flags, overrides=args.set
+            DreamBoothConfig,
+            recipe=recipe_for(BASE_RECIPES, args.base),
+            toml_path=args.config,
+            values=flags,
+            overrides=args.set,
         )
         images, base_spec = str(Path(args.images).expanduser().resolve()), args.base
         run_dir = home.runs / f"dreambooth-{name}"

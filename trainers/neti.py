@@ -84,7 +84,6 @@ __all__ = [
     "NetiMapper",
     "BASE_RECIPES",
     "apply_bypass",
-    "base_recipe",
     "build_mapper",
     "context_dial_weights",
     "context_preservation_loss",
@@ -250,16 +249,6 @@ BASE_RECIPES: dict[str, dict[str, Any]] = {
 ``recipe``). The field defaults are the paper's SD1.4 recipe; on the embedded `tiny` one token at the word's norm
 barely moves the images, so `tiny` has its own, measured against textual inversion in bench/eval_neti.py (why each
 key, and the curves): about half a minute on a laptop CPU."""
-
-
-def base_recipe(base: str | None) -> dict[str, Any]:
-    """`BASE_RECIPES` entry for the base model ``base`` (``None``, ``tiny`` or the path of its folder: the embedded
-    default), else ``{}``.
-
-    >>> base_recipe("tiny")["hidden_width"], base_recipe("runwayml/stable-diffusion-v1-5")
-    (32, {})
-    """
-    return recipe_for(BASE_RECIPES, base)
 
 
 @dataclass(frozen=True)
@@ -1002,7 +991,7 @@ def train_from_cli(args: argparse.Namespace, home: Any) -> int:
         overrides.append(f"super_category={args.super_category}")
     config = load_config(
         NetiConfig,
-        recipe=base_recipe(args.base),
+        recipe=recipe_for(BASE_RECIPES, args.base),
         toml_path=getattr(args, "config", None),
         values=values,
         overrides=overrides,

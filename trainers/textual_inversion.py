@@ -83,7 +83,6 @@ from trainers.core.templates import CONTEXT_TEMPLATES, caption_prompt, template_
 __all__ = [
     "BASE_RECIPES",
     "TextualInversionConfig",
-    "base_recipe",
     "bundle_embedding_keys",
     "split_pivotal_adapter",
     "train_from_cli",
@@ -187,12 +186,6 @@ BASE_RECIPES: dict[str, dict[str, Any]] = {"tiny": {"num_vectors": 4, "lr": 5e-3
 then ``--variants 4 --steps 300 --lr 5e-3``), one vector at lr 5e-4 in 1000 steps learned robot-toy not at all
 (similarity 0.409, base model 0.420; 117 s) and hex-emblem to 0.551 (base 0.428; 112 s); four vectors at lr 5e-3 in
 300 steps reached 0.620 and 0.531 in a third to a half of the time (34 s and 51 s)."""
-
-
-def base_recipe(base: str | None) -> dict[str, Any]:
-    """`BASE_RECIPES` entry for the base model ``base`` (``None``, ``tiny`` or its folder: the embedded default), else
-    ``{}``."""
-    return recipe_for(BASE_RECIPES, base)
 
 
 def train_textual_inversion(
@@ -610,7 +603,7 @@ def train_from_cli(args: argparse.Namespace, home: StudioHome) -> int:
         raise InvalidInputError('expected --token "<my-toy>" and --init-word WORD for textual inversion')
     config = load_config(
         TextualInversionConfig,
-        recipe=base_recipe(base),
+        recipe=recipe_for(BASE_RECIPES, base),
         toml_path=args.config,
         values=values,
         overrides=args.set or [],
