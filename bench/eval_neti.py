@@ -1,7 +1,10 @@
 """Evaluate NeTI on `tiny` with a shipped concept: the truncation dial against textual inversion trained as long.
 
 Run: ``python bench/eval_neti.py [--concept robot-toy] [--ti-steps 300] [--truncations 32,16,8,2] [--threads 1]``
-(needs the built tiny model, ``studio/assets/tiny``; several minutes on a CPU).
+(needs the built tiny model, ``studio/assets/tiny``; several minutes on a CPU). ``--seeds 0-7`` repeats it for
+several training seeds and ends with the means, the checks on them and NeTI's full-truncation gap to TI with its
+standard error: ``python bench/eval_neti.py --seeds 0-7 --eval-seeds 8 --neti-steps 225`` is the robot-toy curve
+below (about 7 minutes a seed).
 
 1. Write the concept's reference images to a folder, as a user would upload them.
 2. Train textual inversion for ``--ti-steps`` steps and time it; then train NeTI for the same wall time
@@ -228,13 +231,71 @@ def main() -> None:
     # more than between recipes, so one seed decides little: run several and compare the spread.
     parser.add_argument("--seed", type=int, default=0, help="training seed of both TI and NeTI")
     parser.add_argument(
+        "--seeds",
+        default="",
+        help="several training seeds, e.g. 0-7 or 0,2,5: each seed's table, then the means over them (the acceptance "
+        "reads the mean: one seed decides little)",
+    )
+    parser.add_argument(
         "--eval-seeds", type=int, default=len(DEFAULT_SEEDS), help="generation seeds per evaluation prompt"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not (tiny_model_path() / "model_index.json").is_file():
         raise SystemExit(f"the tiny model is not built yet ({tiny_model_path()}); see studio/world/train_tiny.py")
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    tables = [evaluate_seed(args, seed) for seed in seeds]
+    if len(tables) > 1:
+        print_means(tables)
 
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-7`` or ``0,2,5`` (or both: ``0-3,8``) as a list of seeds.
+
+    >>> parse_seeds("0-3,8")
+    [0, 1, 2, 3, 8]
+    """
+    seeds: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        seeds.extend(range(int(low), int(high or low) + 1))
+    return seeds
+
+
+Table = list[tuple[str, float, float, float]]
+"""One seed's rows: (label, similarity, background compliance, colour compliance); base, TI, then NeTI full first."""
+
+
+def print_checks(rows: Table) -> None:
+    """The acceptance's checks on a table: NeTI at full truncation against TI, then the dial's three curves."""
+    ti = next(row for row in rows if row[0] == "textual inversion")
+    neti = [row for row in rows if row[0].startswith("neti")]
+    print(f"NeTI full >= TI similarity: {neti[0][1] >= ti[1]}")
+    print(f"similarity falls as truncation falls: {monotone([row[1] for row in neti], rising=False)}")
+    print(f"background compliance rises as truncation falls: {monotone([row[2] for row in neti], rising=True)}")
+    print(f"colour compliance rises as truncation falls: {monotone([row[3] for row in neti], rising=True)}")
+
+
+def print_means(tables: list[Table]) -> None:
+    """Means over the seeds' tables, the acceptance's checks on them, and NeTI full minus TI with its spread."""
+    print(f"\nmeans over {len(tables)} training seeds")
+    print(f"{'adapter':<24}{'similarity':>12}{'background':>12}{'colour':>10}")
+    means: Table = []
+    for index, (label, *_) in enumerate(tables[0]):
+        values = [[table[index][k] for table in tables] for k in (1, 2, 3)]
+        means.append((label, *(sum(v) / len(v) for v in values)))  # type: ignore[arg-type]
+        print(f"{label:<24}{means[-1][1]:>12.3f}{means[-1][2]:>12.3f}{means[-1][3]:>10.3f}")
+    print_checks(means)
+    ti = next(i for i, row in enumerate(tables[0]) if row[0] == "textual inversion")
+    full = next(i for i, row in enumerate(tables[0]) if row[0].startswith("neti"))
+    gaps = [table[full][1] - table[ti][1] for table in tables]
+    mean = sum(gaps) / len(gaps)
+    sd = (sum((gap - mean) ** 2 for gap in gaps) / (len(gaps) - 1)) ** 0.5
+    print(f"NeTI full minus TI similarity: {mean:+.3f} (sd {sd:.3f}, standard error {sd / len(gaps) ** 0.5:.3f})")
+
+
+def evaluate_seed(args: argparse.Namespace, seed: int) -> Table:
+    """Train TI and NeTI with training seed ``seed``, score them, print the table and return it."""
     concept = SHIPPED_CONCEPTS[args.concept]
     token = f"<{concept.name}>"
     home = StudioHome(Path(tempfile.mkdtemp(prefix="eval-neti-"))).ensure()
@@ -254,7 +315,7 @@ def main() -> None:
             "lr": args.ti_lr,
             "num_vectors": args.ti_vectors,
             "checkpoint_every": 0,
-            "seed": args.seed,
+            "seed": seed,
         },
     )
     started = time.monotonic()
@@ -266,7 +327,7 @@ def main() -> None:
         f"placeholder_token={token}",
         f"super_category={concept.class_noun}",
         f"steps={args.neti_steps or 1000000}",
-        f"seed={args.seed}",
+        f"seed={seed}",
     ]
     preset = TINY_PRESET if args.preset == "tiny" else {}
     budget = [] if args.neti_steps else [f"max_seconds={seconds:.1f}"]
@@ -297,22 +358,18 @@ def main() -> None:
         rows.append((label, score, colour))
 
     print(
-        f"concept {concept.name} (seed {args.seed}); TI ({args.ti_vectors} vectors, lr {args.ti_lr:g}) "
+        f"concept {concept.name} (seed {seed}); TI ({args.ti_vectors} vectors, lr {args.ti_lr:g}) "
         f"{args.ti_steps} steps in {seconds:.0f} s; NeTI trained {neti_seconds:.0f} s ({len(history.steps)} steps)"
     )
     settings = [f"{key}={value}" for key, value in preset.items()] + list(args.set)
     print(f"NeTI config overrides: {' '.join(settings) or '(none: the reference configuration)'}")
     print(f"{'adapter':<24}{'similarity':>12}{'background':>12}{'colour':>10}{'n':>5}")
+    table: Table = []
     for label, score, colour in rows:
         print(f"{label:<24}{score.similarity:>12.3f}{score.background_compliance:>12.3f}{colour:>10.3f}{score.n:>5}")
-    neti_rows = [(score, colour) for label, score, colour in rows if label.startswith("neti")]
-    similarity = [score.similarity for score, _ in neti_rows]
-    background = [score.background_compliance for score, _ in neti_rows]
-    colours = [colour for _, colour in neti_rows]
-    print(f"NeTI full >= TI similarity: {neti_rows[0][0].similarity >= rows[1][1].similarity}")
-    print(f"similarity falls as truncation falls: {monotone(similarity, rising=False)}")
-    print(f"background compliance rises as truncation falls: {monotone(background, rising=True)}")
-    print(f"colour compliance rises as truncation falls: {monotone(colours, rising=True)}")
+        table.append((label, score.similarity, score.background_compliance, colour))
+    print_checks(table)
+    return table
 
 
 if __name__ == "__main__":
