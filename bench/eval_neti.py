@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -282,16 +283,18 @@ def print_means(tables: list[Table]) -> None:
     print(f"{'adapter':<24}{'similarity':>12}{'background':>12}{'colour':>10}")
     means: Table = []
     for index, (label, *_) in enumerate(tables[0]):
-        values = [[table[index][k] for table in tables] for k in (1, 2, 3)]
-        means.append((label, *(sum(v) / len(v) for v in values)))  # type: ignore[arg-type]
-        print(f"{label:<24}{means[-1][1]:>12.3f}{means[-1][2]:>12.3f}{means[-1][3]:>10.3f}")
+        similarity, background, colour = (statistics.mean(table[index][k] for table in tables) for k in (1, 2, 3))
+        means.append((label, similarity, background, colour))
+        print(f"{label:<24}{similarity:>12.3f}{background:>12.3f}{colour:>10.3f}")
     print_checks(means)
     ti = next(i for i, row in enumerate(tables[0]) if row[0] == "textual inversion")
     full = next(i for i, row in enumerate(tables[0]) if row[0].startswith("neti"))
     gaps = [table[full][1] - table[ti][1] for table in tables]
-    mean = sum(gaps) / len(gaps)
-    sd = (sum((gap - mean) ** 2 for gap in gaps) / (len(gaps) - 1)) ** 0.5
-    print(f"NeTI full minus TI similarity: {mean:+.3f} (sd {sd:.3f}, standard error {sd / len(gaps) ** 0.5:.3f})")
+    sd = statistics.stdev(gaps)
+    print(
+        f"NeTI full minus TI similarity: {statistics.mean(gaps):+.3f} (sd {sd:.3f}, standard error "
+        f"{sd / len(gaps) ** 0.5:.3f})"
+    )
 
 
 def evaluate_seed(args: argparse.Namespace, seed: int) -> Table:
