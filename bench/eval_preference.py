@@ -66,15 +66,34 @@ Three changes then moved both modes (each run once):
   fits use the lighter ``population_l2`` (0.3).
 - Two attributes that share their word are never chosen together (a gray object on a gray background).
 
-Dev users 100-107 with the prior: 0.794 [0.751, 0.832] (+12.8 points; the recipe above: about 0.69). The shipped
-start for `tiny` (``studio/assets/tiny_preference.safetensors``: the 800-step branch and 400 training users' utilities,
-built by ``--init --branch FILE --prior FILE --train-users 400``) is the recipe in one key:
+Dev users 100-107 with the prior: 0.794 [0.751, 0.832] (+12.8 points; the recipe above: about 0.69). The first
+shipped start (the 800-step branch and 400 training users' utilities from the 48-prompt pool, built by ``--init
+--branch FILE --prior FILE --train-users 400``) won 0.734 [0.688, 0.776] on the held-out users 7301-7308, 0.760
+[0.715, 0.800] on 8401-8408, 0.708 [0.661, 0.752] on 8501-8508 and 0.833 [0.793, 0.867] on 8601-8608 (0.759
+[0.737, 0.780] pooled over the 32 users), and 0.721 [0.689, 0.752] on users 8701-8716, never used before.
+
+Each of those 400 population users had labelled only about 37 pairs (the 48-prompt pool, less ties), so their
+utilities were blurred by the ridge. A no-U-Net proxy (dev users 200-499: the chosen attributes scored against each
+user's taste) put the start's 16-pick inference at 0.807 with that prior and 0.817 with one from the same 400 users
+labelling a 256-prompt pool (about 196 picks each) at the lighter ``population_l2=0.1``; 2000 users gained nothing
+more. The shipped start for `tiny` (``studio/assets/tiny_preference.safetensors``) is now that prior, built by
+``--init --branch FILE --prior FILE --train-users 400 --train-prompts 256 --set init_reader=judge --set init_top=3
+--set population_l2=0.1`` (its branch unchanged), and it is the recipe in one key:
 
 ``python bench/eval_preference.py --mode user --set init_from=tiny --set steps=0`` (the start alone, no DPO step)
-won 0.734 [0.688, 0.776] (+12.8 points) on the held-out users 7301-7308, where three users tie on 26-35 of 48
-comparisons, and 0.760 [0.715, 0.800] (+12.8 points) on users 8401-8408; on two more sets never used before,
-0.708 [0.661, 0.752] (8501-8508) and 0.833 [0.793, 0.867] (8601-8608): 0.759 [0.737, 0.780] pooled over the 32
-users (n=1536). Population mode (4 picks; ``--mode
+won 0.755 [0.710, 0.796] (7301-7308), 0.789 [0.745, 0.827] (8401-8408), 0.781 [0.737, 0.820] (8501-8508), 0.812
+[0.770, 0.848] (8601-8608) and 0.729 [0.697, 0.759] (8701-8716): 0.766 [0.748, 0.783] pooled over the 48 users
+(n=2304), compliance +12.1 points. On the same users and seeds the first start won 0.747 [0.728, 0.764]: the new
+prior is better by +0.020 per user (se 0.012; better for 19 users, worse for 8, the same for 21).
+
+Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
+and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
+the weighed pick minus the weighed entropy of each user's). Far fewer pairs tied (0 to 2 skips in 16 picks, against
+up to 13), and a row-level proxy gained 0.01 to 0.05, but through the U-Net with the first start the first nine users
+of 8701-8716 won 0.613 against 0.713 for random pairs, three of them by 0.3 to 0.4 less (a likely reason: where
+people disagree most is where a noisy user is least sure too, and the fit read strong utilities, often wrong).
+
+Population mode (4 picks; ``--mode
 population --train-users 400 --init --branch FILE --set init_reader=judge --set population_encoder=attributes``) won
 0.703 [0.656, 0.747] (+13.8 points) on the held-out users, 0.609 [0.560, 0.657] (+14.3 points) on users
 8401-8408, and on two more sets 0.628 [0.578, 0.674] (8501-8508, +15.9) and 0.669 [0.621, 0.714] (8601-8608, +16.4):
