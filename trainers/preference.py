@@ -122,9 +122,10 @@ class PreferenceConfig:
     users' utilities give the per-user fit a Gaussian prior (`UtilityPrior`: their mean and covariance) in place of
     the ridge, so that attributes people like together (the warm colours, the textured backgrounds) are read
     together from few picks. Its candidates must be ``init_attributes``."""
-    population_l2: float = 0.3
+    population_l2: float = 0.1
     """Population mode, ``attributes`` encoder: the ridge weight of each training user's fit. Lighter than
-    ``init_l2``: the population is a prior over many users, not one user's answer."""
+    ``init_l2``: the population is a prior over many users, not one user's answer. On `tiny` 0.1 over 400 users with
+    about 196 picks each beat 0.3 in both modes (``bench/eval_preference.py``)."""
     init_margin: float = 0.05
     """With ``init_reader``: how far (in Bradley-Terry utility) an attribute must beat its slot's average to join."""
     branch: str = ""
