@@ -63,14 +63,15 @@ Three changes then moved both modes (each run once):
 - The start's fit takes a Gaussian prior over utilities from an attributes population (``init_prior``,
   `trainers.preference.UtilityPrior`; ``--prior FILE`` builds one from ``--train-users``), so that attributes people
   like together (the warm colours, the textured backgrounds) are read together from 16 picks; the population's own
-  fits use the lighter ``population_l2`` (0.3).
+  fits use the lighter ``population_l2`` (0.3 then; 0.1 now, below).
 - Two attributes that share their word are never chosen together (a gray object on a gray background).
 
 Dev users 100-107 with the prior: 0.794 [0.751, 0.832] (+12.8 points; the recipe above: about 0.69). The first
 shipped start (the 800-step branch and 400 training users' utilities from the 48-prompt pool, built by ``--init
---branch FILE --prior FILE --train-users 400``) won 0.734 [0.688, 0.776] on the held-out users 7301-7308, 0.760
-[0.715, 0.800] on 8401-8408, 0.708 [0.661, 0.752] on 8501-8508 and 0.833 [0.793, 0.867] on 8601-8608 (0.759
-[0.737, 0.780] pooled over the 32 users), and 0.721 [0.689, 0.752] on users 8701-8716, never used before.
+--branch FILE --prior FILE --train-users 400 --train-prompts 48 --set population_l2=0.3``) won 0.734 [0.688,
+0.776] on the held-out users 7301-7308, 0.760 [0.715, 0.800] on 8401-8408, 0.708 [0.661, 0.752] on 8501-8508 and
+0.833 [0.793, 0.867] on 8601-8608 (0.759 [0.737, 0.780] pooled over the 32 users), and 0.721 [0.689, 0.752] on users
+8701-8716, never used before.
 
 Each of those 400 population users had labelled only about 37 pairs (the 48-prompt pool, less ties), so their
 utilities were blurred by the ridge. A no-U-Net proxy (dev users 200-499: the chosen attributes scored against each
@@ -558,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", default="tiny")
     parser.add_argument("--users", default=",".join(map(str, DEFAULT_EVAL_USERS)), help="random_user seeds")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per evaluated user (user: 16, population: 4)")
-    parser.add_argument("--train-users", type=int, default=400, help="population mode: simulated users to train on")
+    parser.add_argument("--train-users", type=int, default=400, help="population mode and --prior: simulated users")
     parser.add_argument(
         "--train-prompts", type=int, default=256, help="population mode and --prior: pool prompts (two seeds each)"
     )
