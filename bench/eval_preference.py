@@ -102,8 +102,9 @@ Population mode (4 picks) with that first population (``--mode population --trai
 defaults: ``--mode population --train-users 400 --init --branch FILE --set init_reader=judge --set
 population_encoder=attributes``) the same users won 0.737 [0.691, 0.779] (7301-7308), 0.646 [0.597, 0.692]
 (8401-8408), 0.693 [0.645, 0.737] (8501-8508) and 0.661 [0.613, 0.707] (8601-8608): 0.684 [0.661, 0.707] pooled
-(+11.6 points), +0.032 per user (se 0.014; better for 13 users, worse for 5), still short of 0.70. The proxy (dev
-users 200-499) put this 4-pick inference at 0.707 with the first population and 0.719 with this one.
+(+11.6 points), +0.032 per user (se 0.014; better for 13 users, worse for 5), still short of 0.70. On users
+8701-8716, never used before, it won 0.632 [0.597, 0.665]: 0.667 [0.647, 0.686] over all 48 users (+11.7 points).
+The proxy (dev users 200-499) put this 4-pick inference at 0.707 with the first population and 0.719 with this one.
 The ``posterior`` ceiling with 4 picks (``--mode posterior --pairs 4``: handed the world's true user prior, and
 drawing with the prompt's own words) on the same 32 users: 0.724 (7301-7308), 0.711 [0.664, 0.754] (8401-8408),
 0.701 [0.653, 0.744] (8501-8508), 0.760 [0.715, 0.800] (8601-8608); 0.724 [0.701, 0.746] pooled. Four picks on
