@@ -77,9 +77,9 @@ Each of those 400 population users had labelled only about 37 pairs (the 48-prom
 utilities were blurred by the ridge. A no-U-Net proxy (dev users 200-499: the chosen attributes scored against each
 user's taste) put the start's 16-pick inference at 0.807 with that prior and 0.817 with one from the same 400 users
 labelling a 256-prompt pool (about 196 picks each) at the lighter ``population_l2=0.1``; 2000 users gained nothing
-more. The shipped start for `tiny` (``studio/assets/tiny_preference.safetensors``) is now that prior, built by
-``--init --branch FILE --prior FILE --train-users 400 --train-prompts 256 --set init_reader=judge --set init_top=3
---set population_l2=0.1`` (its branch unchanged), and it is the recipe in one key:
+more (users 200-299). The shipped start for `tiny` (``studio/assets/tiny_preference.safetensors``) is now that
+prior, built by ``--init --branch FILE --prior FILE --train-users 400 --train-prompts 256 --set init_reader=judge
+--set init_top=3 --set population_l2=0.1`` (its branch unchanged), and it is the recipe in one key:
 
 ``python bench/eval_preference.py --mode user --set init_from=tiny --set steps=0`` (the start alone, no DPO step)
 won 0.755 [0.710, 0.796] (7301-7308), 0.789 [0.745, 0.827] (8401-8408), 0.781 [0.737, 0.820] (8501-8508), 0.812
