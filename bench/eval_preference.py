@@ -86,6 +86,8 @@ won 0.755 [0.710, 0.796] (7301-7308), 0.789 [0.745, 0.827] (8401-8408), 0.781 [0
 [0.770, 0.848] (8601-8608) and 0.729 [0.697, 0.759] (8701-8716): 0.766 [0.748, 0.783] pooled over the 48 users
 (n=2304), compliance +12.1 points. On the same users and seeds the first start won 0.747 [0.728, 0.764]: the new
 prior is better by +0.020 per user (se 0.012; better for 19 users, worse for 8, the same for 21).
+On users 8801-8816, never used before (session 13), the same command won 0.754 [0.722, 0.783] (0.753 and 0.755 for
+8801-8808 and 8809-8816), compliance +12.9 points: about 0.763 [0.748, 0.778] pooled over all 64 held-out users.
 
 Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
 and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
@@ -104,6 +106,10 @@ population_encoder=attributes``) the same users won 0.737 [0.691, 0.779] (7301-7
 (8401-8408), 0.693 [0.645, 0.737] (8501-8508) and 0.661 [0.613, 0.707] (8601-8608): 0.684 [0.661, 0.707] pooled
 (+11.6 points), +0.032 per user (se 0.014; better for 13 users, worse for 5), still short of 0.70. On users
 8701-8716, never used before, it won 0.632 [0.597, 0.665]: 0.667 [0.647, 0.686] over all 48 users (+11.7 points).
+On users 8801-8816 (session 13) it won 0.659 [0.625, 0.692] (0.690 and 0.628 by set of eight, +10.5 points): 0.665
+[0.648, 0.681] over all 64 held-out users. That run read its population from the shipped start (``--population
+studio/assets/tiny_preference.safetensors``): the same 400 users, 256-prompt pool and ``population_l2`` as the
+default build, so it skips the 5-minute pool, and the run's ``init_top`` (2) replaces the file's (3).
 The proxy (dev users 200-499) put this 4-pick inference at 0.707 with the first population and 0.719 with this one.
 The ``posterior`` ceiling with 4 picks (``--mode posterior --pairs 4``: handed the world's true user prior, and
 drawing with the prompt's own words) on the same 32 users: 0.724 (7301-7308), 0.711 [0.664, 0.754] (8401-8408),
@@ -145,7 +151,7 @@ from PIL import Image  # noqa: E402
 from pipelines.kinds.preference import attribute_preference  # noqa: E402
 from pipelines.requests import AdapterRef, GenerationRequest  # noqa: E402
 from pipelines.service import PipelineService  # noqa: E402
-from studio.adapter_files import save_adapter  # noqa: E402
+from studio.adapter_files import load_adapter, save_adapter  # noqa: E402
 from studio.base_models import BaseModel, load_base_model  # noqa: E402
 from studio.preferences import PreferencePair  # noqa: E402
 from studio.world.evaluate import held_out_scenes, wilson_interval  # noqa: E402
@@ -584,6 +590,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="user mode: an attributes population file for the start's prior (init_prior); built from "
         "--train-users when missing",
     )
+    parser.add_argument(
+        "--population",
+        type=Path,
+        help="population mode: an existing 'attributes' population file (the shipped start, "
+        "studio/assets/tiny_preference.safetensors, is the default build's population) instead of building one; "
+        "its users then choose by this run's init_top (no --init, --branch or init_reader: the file carries them)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="random tiny pipeline and judge, tiny counts")
     args = parser.parse_args(argv)
@@ -621,7 +634,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # user mode's start (an ``attributes`` population), once per file.
     population = None
     reader = JudgeAttributes(setup.judge) if config.init_reader == "judge" else None
-    if args.mode == "population":
+    if args.mode == "population" and args.population:
+        population = load_adapter(args.population)
+        # The file keeps the init_top it was built with (3 for the shipped start); a built population carries this
+        # run's, so the run's value decides in both cases.
+        population.metadata.config["init_top"] = config.init_top
+    elif args.mode == "population":
         population = train_users_population(config)
         logger.info("population model: %s", population.metadata.config.get("final_implicit_accuracy", "fitted"))
     if prior:
