@@ -153,6 +153,7 @@ from pipelines.requests import AdapterRef, GenerationRequest  # noqa: E402
 from pipelines.service import PipelineService  # noqa: E402
 from studio.adapter_files import load_adapter, save_adapter  # noqa: E402
 from studio.base_models import BaseModel, load_base_model  # noqa: E402
+from studio.errors import StudioError  # noqa: E402
 from studio.preferences import PreferencePair  # noqa: E402
 from studio.world.evaluate import held_out_scenes, wilson_interval  # noqa: E402
 from studio.world.judge import Judge, JudgeNet, Reading  # noqa: E402
@@ -600,6 +601,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="random tiny pipeline and judge, tiny counts")
     args = parser.parse_args(argv)
+    given_population = None
+    if args.population is not None:
+        if args.mode != "population":
+            parser.error(f"--population expects --mode population, found --mode {args.mode}")
+        if not args.population.is_file():
+            parser.error(
+                f"--population expects an 'attributes' population .safetensors file, found none at {args.population}"
+            )
+        try:
+            given_population = load_adapter(args.population)
+        except StudioError as error:
+            parser.error(f"--population expects an 'attributes' population file: {error}")
+        encoder = given_population.metadata.config.get("encoder")
+        if encoder != "attributes":
+            parser.error(
+                f"--population expects an 'attributes' population, found encoder {encoder!r} in {args.population}"
+            )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.smoke:
         args.steps, args.prompts, args.train_users, args.train_prompts = 2, 2, 3, 6
@@ -634,8 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # user mode's start (an ``attributes`` population), once per file.
     population = None
     reader = JudgeAttributes(setup.judge) if config.init_reader == "judge" else None
-    if args.mode == "population" and args.population:
-        population = load_adapter(args.population)
+    if args.mode == "population" and given_population is not None:
+        population = given_population
         # The file keeps the init_top it was built with (3 for the shipped start); a built population carries this
         # run's, so the run's value decides in both cases.
         population.metadata.config["init_top"] = config.init_top
