@@ -109,7 +109,9 @@ population_encoder=attributes``) the same users won 0.737 [0.691, 0.779] (7301-7
 On users 8801-8816 (session 13) it won 0.659 [0.625, 0.692] (0.690 and 0.628 by set of eight, +10.5 points): 0.665
 [0.648, 0.681] over all 64 held-out users. That run read its population from the shipped start (``--population
 studio/assets/tiny_preference.safetensors``): the same 400 users, 256-prompt pool and ``population_l2`` as the
-default build, so it skips the 5-minute pool, and the run's ``init_top`` (2) replaces the file's (3).
+default build, so it skips the 5-minute pool; on users 7301-7308 it gives the built population's 0.737 exactly. The
+run's ``init_top`` (2) replaces the file's (3), though with only the colour and background slots left no user ever
+gets a third attribute: ``--set init_top=3`` gave the same result on 8801-8816, user by user.
 The proxy (dev users 200-499) put this 4-pick inference at 0.707 with the first population and 0.719 with this one.
 The ``posterior`` ceiling with 4 picks (``--mode posterior --pairs 4``: handed the world's true user prior, and
 drawing with the prompt's own words) on the same 32 users: 0.724 (7301-7308), 0.711 [0.664, 0.754] (8401-8408),
