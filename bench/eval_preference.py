@@ -153,7 +153,7 @@ from PIL import Image  # noqa: E402
 from pipelines.kinds.preference import attribute_preference  # noqa: E402
 from pipelines.requests import AdapterRef, GenerationRequest  # noqa: E402
 from pipelines.service import PipelineService  # noqa: E402
-from studio.adapter_files import load_adapter, save_adapter  # noqa: E402
+from studio.adapter_files import save_adapter  # noqa: E402
 from studio.base_models import BaseModel, load_base_model  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
 from studio.preferences import PreferencePair  # noqa: E402
@@ -177,6 +177,7 @@ from trainers.preference import (  # noqa: E402
     JudgeAttributes,
     JudgeFeatures,
     PreferenceConfig,
+    attribute_population_file,
     embed_user,
     train_attribute_branch,
     train_population,
@@ -607,19 +608,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.population is not None:
         if args.mode != "population":
             parser.error(f"--population expects --mode population, found --mode {args.mode}")
-        if not args.population.is_file():
-            parser.error(
-                f"--population expects an 'attributes' population .safetensors file, found none at {args.population}"
-            )
         try:
-            given_population = load_adapter(args.population)
+            given_population = attribute_population_file(args.population, "--population")
         except StudioError as error:
-            parser.error(f"--population expects an 'attributes' population file: {error}")
-        encoder = given_population.metadata.config.get("encoder")
-        if encoder != "attributes":
-            parser.error(
-                f"--population expects an 'attributes' population, found encoder {encoder!r} in {args.population}"
-            )
+            parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.smoke:
         args.steps, args.prompts, args.train_users, args.train_prompts = 2, 2, 3, 6

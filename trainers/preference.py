@@ -772,29 +772,29 @@ SHIPPED_STARTS: dict[str, Path] = {
 """``init_from`` names of the population models shipped with the studio's embedded base models."""
 
 
-def _preference_file(path: str | Path, key: str, expected: str, accepts: Callable[[Any, Any], bool]) -> AdapterFile:
-    """The preference file config key ``key`` names, if ``accepts(mode, encoder)`` of its header; else a one-line
-    error naming ``expected`` and what was found."""
+def _preference_file(path: str | Path, source: str, expected: str, accepts: Callable[[Any, Any], bool]) -> AdapterFile:
+    """The preference file that ``source`` (``config key 'branch'``, a command-line flag) names, if
+    ``accepts(mode, encoder)`` of its header; else a one-line error naming ``source``, ``expected`` and what was
+    found."""
     from studio.adapter_files import load_adapter
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise InvalidInputError(f"config key '{key}' expects {expected} .safetensors file, found no file {file}")
+        raise InvalidInputError(f"{source} expects {expected} .safetensors file, found no file {file}")
     adapter = load_adapter(file)
     mode, encoder = adapter.metadata.config.get("mode"), adapter.metadata.config.get("encoder")
     if adapter.metadata.kind != KIND or not accepts(mode, encoder):
         what = f"{mode}, encoder {encoder}" if encoder else mode
-        raise InvalidInputError(
-            f"config key '{key}' expects {expected}, found {adapter.metadata.kind} ({what}) in {file}"
-        )
+        raise InvalidInputError(f"{source} expects {expected}, found {adapter.metadata.kind} ({what}) in {file}")
     return adapter
 
 
-def _attribute_population_file(path: str | Path, key: str) -> AdapterFile:
-    """An ``attributes`` population model file named by config key ``key``, checked."""
+def attribute_population_file(path: str | Path, source: str) -> AdapterFile:
+    """An ``attributes`` population model file, checked; ``source`` names where the path came from in the one-line
+    error (``config key 'init_from'``, ``--population``)."""
     return _preference_file(
         path,
-        key,
+        source,
         "an 'attributes' population model",
         lambda mode, encoder: mode == "population" and encoder == "attributes",
     )
@@ -841,7 +841,7 @@ def _with_steps(cfg: PreferenceConfig) -> PreferenceConfig:
 def start_from(cfg: PreferenceConfig) -> PreferenceConfig:
     """``cfg`` with ``init_from`` spelled out: the population model's candidates, reader, branch and prior."""
     path = SHIPPED_STARTS.get(cfg.init_from, Path(cfg.init_from))
-    config = _attribute_population_file(path, "init_from").metadata.config
+    config = attribute_population_file(path, "config key 'init_from'").metadata.config
     return replace(
         cfg,
         init_attributes=tuple(str(c) for c in config["candidates"]),
@@ -854,7 +854,7 @@ def start_from(cfg: PreferenceConfig) -> PreferenceConfig:
 def population_prior(path: str | Path, candidates: Sequence[str], reader: AttributeReader) -> UtilityPrior:
     """The `UtilityPrior` of an ``attributes`` population model file, checked against the start's candidates and
     reader."""
-    population = _attribute_population_file(path, "init_prior")
+    population = attribute_population_file(path, "config key 'init_prior'")
     config = population.metadata.config
     if [str(c) for c in config["candidates"]] != list(candidates):
         raise InvalidInputError(
@@ -1043,7 +1043,7 @@ def load_branch(path: str | Path) -> AdapterFile:
     branch it was built on), checked."""
     return _preference_file(
         path,
-        "branch",
+        "config key 'branch'",
         "a preference attribute branch",
         lambda mode, encoder: mode == "branch" or (mode == "population" and encoder == "attributes"),
     )
