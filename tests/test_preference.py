@@ -489,6 +489,12 @@ def test_attribute_token_groups_yield_to_the_prompts_words(tmp_path):
     meta = AdapterMetadata(kind="preference", family="sd1", config={**config, "tokens_per_attribute": 4})
     write(tmp_path, "grouped", AdapterFile({TOKENS_KEY: tokens}, meta))
     write(tmp_path, "plain", user_adapter("dana", seed=3))
+    red = {**config, "attribute_groups": ["red"], "attribute_nouns": ["background"], "tokens_per_attribute": 4}
+    write(
+        tmp_path,
+        "red-only",
+        AdapterFile({TOKENS_KEY: tokens[4:]}, AdapterMetadata(kind="preference", family="sd1", config=red)),
+    )
     service = PipelineService(tiny_base(), adapter_source=tmp_path)
     try:
 
@@ -501,6 +507,10 @@ def test_attribute_token_groups_yield_to_the_prompts_words(tmp_path):
         decided = "a red circle on a white background"
         assert np.array_equal(image(decided, "grouped"), image(decided, None))
         assert np.abs(image("a circle", "grouped") - image("a circle", None)).max() > 0
+        # Each group attends on its own: with the background decided, "red" acts exactly as it does alone, not at
+        # the share of the attention its zeroed neighbour would leave it.
+        background_named = "a circle on a white background"
+        assert np.array_equal(image(background_named, "grouped"), image(background_named, "red-only"))
     finally:
         service.close()
     bad = AdapterMetadata(kind="preference", family="sd1", config={**config, "tokens_per_attribute": 3})

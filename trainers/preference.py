@@ -489,8 +489,10 @@ def _dpo_step(
     tokens: torch.Tensor,
     cfg: PreferenceConfig,
     generator: torch.Generator,
+    groups: int = 1,
 ) -> DpoResult:
-    """DPO loss of pairs ``rows`` with ``tokens`` (``[len(rows), n, width]``, one user per row)."""
+    """DPO loss of pairs ``rows`` with ``tokens`` (``[len(rows), n, width]``, one user per row, in ``groups``
+    attribute groups attended each on its own, as at generation)."""
     device, dtype = model.device, model.dtype
     index = torch.tensor(list(rows))
     preferred = data.preferred[index].to(device, dtype)
@@ -511,7 +513,7 @@ def _dpo_step(
     with torch.no_grad():
         ref = model.unet(noisy, both_t, encoder_hidden_states=both_embeds).sample
     # 3. The model: the branch on, reading each row's user tokens.
-    state = UserTokensState(torch.cat([tokens, tokens]).to(dtype), model.branches, 1.0)
+    state = UserTokensState(torch.cat([tokens, tokens]).to(dtype), model.branches, 1.0, groups=groups)
     with model.seam.context.activate([("preference", state)]):
         pred = model.unet(noisy, both_t, encoder_hidden_states=both_embeds).sample
     return diffusion_dpo_loss(
@@ -618,7 +620,10 @@ def choose_attributes(
         generator = torch.Generator("cpu").manual_seed(cfg.seed + 1)
         batch = tokens.unsqueeze(0) * masks[:, :, None]
         # A pair whose prompt masks every group sees the base model (margin exactly 0): half, as a tie.
-        margins = torch.cat([_dpo_step(model, data, rows, batch, cfg, generator).inside for _ in range(cfg.init_draws)])
+        groups = tokens.shape[0] // cfg.tokens
+        margins = torch.cat(
+            [_dpo_step(model, data, rows, batch, cfg, generator, groups).inside for _ in range(cfg.init_draws)]
+        )
         return float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean())
 
     best: AttributeStart | None = None
@@ -956,6 +961,7 @@ def train_user_preference(
         elif cfg.init_attributes:
             start = choose_attributes(model, base.pipeline, data, prompts, cfg)
         masks = start.masks if start else torch.ones(len(pairs), cfg.tokens, device=model.device)
+        attribute_groups = len(start.attributes) if start else 1
         # With token_norm the parameter is each row's direction (a random one unless the attributes start it).
         norm = cfg.token_norm * _text_row_norm(data) if cfg.token_norm > 0 else 0.0
         if start:
@@ -988,7 +994,7 @@ def train_user_preference(
             rows = [rng.randrange(len(pairs)) for _ in range(cfg.batch_size)]
             # Each pair's mask zeroes the attribute groups its prompt decides, as generation will.
             row_tokens = current().unsqueeze(0) * masks[torch.tensor(rows)][:, :, None]
-            result = _dpo_step(model, data, rows, row_tokens, cfg, generator)
+            result = _dpo_step(model, data, rows, row_tokens, cfg, generator, attribute_groups)
             _optimise(result, optimizer, params, cfg.max_grad_norm, losses, accuracies)
             _log_and_report(reporter, step, cfg, losses, accuracies)
         reporter.close()

@@ -81,6 +81,11 @@ class ExtraTokens:
     With ``joint`` the branch's softmax also runs over the text keys, whose values count as zero: a query that
     attends to the prompt gives the extra tokens little weight, so the branch can act on some positions (an
     object's colour) and leave the rest, instead of adding a full convex mix of its values everywhere.
+
+    With ``groups`` above 1 the tokens are that many equal groups (one attribute's phrase each), each attended on its
+    own softmax and the outputs summed. An attribute then acts as it does alone, not at the share of the attention
+    that the other groups leave it, and a zeroed group (an attribute the prompt's words decide) adds exactly
+    nothing: with bias-free projections its keys and values are zero.
     """
 
     tokens: torch.Tensor
@@ -88,6 +93,11 @@ class ExtraTokens:
     to_v: nn.Module
     scale: float = 1.0
     joint: bool = False
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.tokens.shape[-2] % self.groups:
+            raise ValueError(f"expected {self.groups} equal token groups, found {self.tokens.shape[-2]} tokens")
 
 
 @dataclass(frozen=True)
@@ -340,12 +350,13 @@ def _attend(
     for extra in extras:
         tokens = extra.tokens.to(device=hidden_states.device, dtype=hidden_states.dtype)
         tokens = tokens.expand(batch, -1, -1) if tokens.shape[0] == 1 else tokens
-        extra_key = _heads(extra.to_k(tokens), batch, attn.heads)
-        extra_value = _heads(extra.to_v(tokens), batch, attn.heads)
-        if extra.joint:
-            extra_key = torch.cat([key, extra_key], dim=2)
-            extra_value = torch.cat([torch.zeros_like(value), extra_value], dim=2)
-        out = out + extra.scale * F.scaled_dot_product_attention(query, extra_key, extra_value)
+        extra_keys = _heads(extra.to_k(tokens), batch, attn.heads).chunk(extra.groups, dim=2)
+        extra_values = _heads(extra.to_v(tokens), batch, attn.heads).chunk(extra.groups, dim=2)
+        for extra_key, extra_value in zip(extra_keys, extra_values, strict=True):
+            if extra.joint:
+                extra_key = torch.cat([key, extra_key], dim=2)
+                extra_value = torch.cat([torch.zeros_like(value), extra_value], dim=2)
+            out = out + extra.scale * F.scaled_dot_product_attention(query, extra_key, extra_value)
     out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
 
     # 4. Output projection and layout back.

@@ -178,16 +178,24 @@ class UserTokensState(ConditioningState):
 
     ``tokens`` is ``[n, width]`` (one user) or ``[batch, n, width]`` (one user per row, in training). With
     ``positive_rows_only`` and a batch of ``[negative; positive]`` rows, the negative rows get zero tokens: with the
-    bias-free projections of SD-style U-Nets the branch then adds exactly nothing to them.
+    bias-free projections of SD-style U-Nets the branch then adds exactly nothing to them. ``groups``: the tokens are
+    that many attribute groups, each attended on its own (`ExtraTokens`).
     """
 
     def __init__(
-        self, tokens: torch.Tensor, branches: PreferenceBranches, scale: float, *, positive_rows_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        branches: PreferenceBranches,
+        scale: float,
+        *,
+        positive_rows_only: bool = False,
+        groups: int = 1,
     ) -> None:
         self.tokens = tokens if tokens.dim() == 3 else tokens.unsqueeze(0)
         self.branches = branches
         self.scale = float(scale)
         self.positive_rows_only = positive_rows_only
+        self.groups = groups
 
     def extra_tokens(self, call: LayerCall) -> ExtraTokens | None:
         if self.scale == 0.0:
@@ -199,7 +207,12 @@ class UserTokensState(ConditioningState):
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
         index = call.layer_index
         return ExtraTokens(
-            tokens, self.branches.to_k[index], self.branches.to_v[index], scale=self.scale, joint=self.branches.joint
+            tokens,
+            self.branches.to_k[index],
+            self.branches.to_v[index],
+            scale=self.scale,
+            joint=self.branches.joint,
+            groups=self.groups,
         )
 
 
@@ -495,7 +508,14 @@ class PreferenceKind:
             mask = attribute_token_mask(self.groups, request.prompt, self.tokens_per_attribute, self.group_nouns)
             tokens = tokens * mask.to(tokens.dtype)[:, None]
         tokens = tokens.to(device=request.device, dtype=request.dtype)
-        return UserTokensState(tokens, self.branches, scale, positive_rows_only=request.classifier_free_guidance)
+        # Each attribute group attends on its own, as the branch learned it (one attribute per lesson).
+        return UserTokensState(
+            tokens,
+            self.branches,
+            scale,
+            positive_rows_only=request.classifier_free_guidance,
+            groups=max(1, len(self.groups)),
+        )
 
     def _attribute_state(self, request: ConditioningRequest, scale: float) -> AttributeGuidanceState:
         unknown = set(request.ref.options) - {"attribute_scale"}
