@@ -546,8 +546,9 @@ def compare(
             n += 1
             comply_base += complies_with_words(setup.judge, base_reading, scene)
             comply_pref += complies_with_words(setup.judge, pref_reading, scene)
-    # A tie is half a win: a preference that changes nothing scores 50%.
-    successes = wins + ties // 2
+    # A tie is half a win: a preference that changes nothing scores 50%. (Floor division here once dropped half a
+    # comparison for every user with an odd number of ties, about 0.005 of a pooled win rate.)
+    successes = wins + ties / 2
     return {
         "user": user.name,
         "wins": wins,

@@ -181,8 +181,8 @@ def evaluate_concepts_in_regions(
     ]
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion."""
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (``successes`` may count a tie as half)."""
     if n == 0:
         return (0.0, 1.0)
     p = successes / n
