@@ -23,7 +23,7 @@ from pipelines.kinds.preference import (
 from pipelines.requests import AdapterRef, GenerationRequest
 from pipelines.service import PipelineService
 from studio.adapter_files import AdapterFile, AdapterMetadata
-from studio.errors import InvalidInputError, NotAvailableError
+from studio.errors import InvalidInputError, NotAvailableError, StudioError
 from studio.preferences import PreferencePair
 from studio.testing import tiny_model_path
 from studio.world.judge import JudgeNet
@@ -572,3 +572,43 @@ def test_the_cli_says_a_branch_is_not_trained_from_pairs(tmp_path):
     args = Namespace(resume=None, pairs=str(tmp_path / "picks.jsonl"), config=None, set=["mode=branch"], name="b")
     with pytest.raises(NotAvailableError, match="not available yet"):
         train_from_cli(args, home=None)
+
+
+def test_the_cli_embeds_a_new_user_with_the_population_shipped_for_tiny(tmp_path):
+    import json
+    from argparse import Namespace
+
+    from studio.home import StudioHome
+    from studio.library import AdapterLibrary
+    from studio.world.scene import ObjectSpec, Scene, render
+    from trainers.preference import train_from_cli
+
+    # Four picks of someone who takes the red object on the dotted background each time.
+    rows = []
+    for i, shape in enumerate(["circle", "square", "triangle", "star"]):
+        liked = render(Scene("dots", (ObjectSpec(shape, "red"),)))
+        other = render(Scene("white", (ObjectSpec(shape, "blue"),)))
+        liked.save(tmp_path / f"{i}a.png")
+        other.save(tmp_path / f"{i}b.png")
+        rows.append({"user_id": "dana", "caption": f"a {shape}", "jpg_0": f"{i}a.png", "jpg_1": f"{i}b.png",
+                     "label_0": 1, "label_1": 0})  # fmt: skip
+    picks = tmp_path / "picks.jsonl"
+    picks.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    home = StudioHome(tmp_path / "home")
+    args = Namespace(
+        resume=None,
+        pairs=str(picks),
+        user="dana",
+        config=None,
+        set=["mode=embed", "population_model=tiny"],
+        name="dana-taste",
+        base="tiny",
+    )
+    assert train_from_cli(args, home) == 0
+    config = AdapterLibrary(home).load("dana-taste").metadata.config
+    assert config["mode"] == "user" and config["user_id"] == "dana" and config["pairs"] == 4
+    assert "red" in config["initial_attributes"] or "dotted background" in config["initial_attributes"]
+    # A name that is neither in the library nor shipped is a one-line error naming it.
+    args.set, args.name = ["mode=embed", "population_model=nobody"], "other"
+    with pytest.raises(StudioError, match="no adapter named 'nobody'"):
+        train_from_cli(args, home)

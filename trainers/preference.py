@@ -166,7 +166,8 @@ class PreferenceConfig:
     """``judge`` (the shapes world's judge CNN) or the folder of a local CLIP vision model."""
     # embed mode
     population_model: str = ""
-    """Library name of a population model (``mode = "embed"``)."""
+    """Library name of a population model (``mode = "embed"``), or ``tiny`` for the one shipped with the embedded
+    base model when the library holds no adapter of that name (`population_model`)."""
 
     def validate(self) -> None:
         """Ranges of the options."""
@@ -1395,6 +1396,17 @@ def embed_user(
 # -- CLI ----------------------------------------------------------------------------------------------------------
 
 
+def population_model(name: str, library: Any) -> AdapterFile:
+    """Embed mode's population model: the library's adapter ``name``, or, when the library holds none of that name,
+    the population shipped with an embedded base model (``tiny``: `SHIPPED_STARTS`), so that a user of `tiny` gets
+    population mode from a few picks without building one."""
+    if library.exists(name) or name not in SHIPPED_STARTS:
+        return library.load(name)
+    population = attribute_population_file(SHIPPED_STARTS[name], "config key 'population_model'")
+    population.metadata.name = population.metadata.name or f"{name}-preference"
+    return population
+
+
 def train_from_cli(args: Any, home: Any) -> int:
     """``studio train preference --pairs FILE_OR_DIR [--user ID] --name NAME [--set mode=population|embed ...]``."""
     from studio.base_models import load_base_model
@@ -1421,7 +1433,7 @@ def train_from_cli(args: Any, home: Any) -> int:
     pairs = load_pairs(args.pairs, user=args.user if cfg.mode != "population" else None)
     progress = [TqdmProgress(description=f"preference {name}")]
     if cfg.mode == "embed":
-        adapter = embed_user(library.load(cfg.population_model), pairs, user_id=args.user)
+        adapter = embed_user(population_model(cfg.population_model, library), pairs, user_id=args.user)
     else:
         base = load_base_model(args.base)
         if cfg.mode == "population":
