@@ -64,3 +64,42 @@ def test_the_posterior_ceiling_writes_what_the_picks_tell(bench):
     # No pick at all: the prior alone, where warm and cool cancel and a dark background is liked on average.
     flat = bench.TastePosterior([], [warm, cool, dark])
     assert flat.prompt(scene("no_background")) == "a blue circle on a purple background"
+
+
+def test_the_proxy_scores_the_starts_choice_by_drawing_it_into_open_slots(tmp_path, capsys):
+    import json
+    import random
+    import re
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "proxy_preference.py"
+    spec = importlib.util.spec_from_file_location("proxy_preference_under_test", path)
+    proxy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proxy)
+    from studio.world.judge import Reading
+
+    base = Reading("white", 1, "circle", "blue", [("circle", "blue")], 0.15, 1.0)
+    # Drawing fills only what the prompt leaves open.
+    assert proxy.drawn(base, "bare", ["red", "dotted background"]).colour == "red"
+    assert proxy.drawn(base, "bare", ["red", "dotted background"]).background == "dots"
+    # "a circle on a white background" names the background, "a blue circle" the colour.
+    assert proxy.drawn(base, "no_colour", ["red", "dotted background"]).background == "white"
+    assert proxy.drawn(base, "no_background", ["red", "dotted background"]).colour == "blue"
+    fan = SimulatedUser("u", {"textured_background": 1.0})
+    evaluation = [("bare", [base]), ("no_colour", [base])]
+    assert proxy.win_rate(fan, evaluation, ["dotted background"]) == 0.75  # a win, and a tie where it is named
+    assert proxy.win_rate(fan, evaluation, []) == 0.5
+
+    # The whole run on readings made up for it: the oracle is a ceiling of the start.
+    rng = random.Random(0)
+
+    def reading() -> dict:
+        colour, background = rng.choice(["red", "blue", "green"]), rng.choice(["white", "black", "dots"])
+        return Reading(background, 1, "circle", colour, [("circle", colour)], 0.15, 1.0).to_dict()
+
+    cache = {str(seed): [[reading(), reading()] for _ in range(40)] for seed in proxy.POOL_SEEDS}
+    cache["eval"] = [[style, [reading(), reading()]] for style in ("bare", "no_colour", "no_background")]
+    (tmp_path / "cache.json").write_text(json.dumps(cache))
+    assert proxy.main(["--users", "200-203", "--cache", str(tmp_path / "cache.json")]) == 0
+    rates = dict(re.findall(r"(\w+): proxy win rate ([\d.]+)", capsys.readouterr().out))
+    start, oracle = float(rates["start"]), float(rates["oracle"])
+    assert 0.0 <= start <= oracle <= 1.0
