@@ -106,9 +106,9 @@ class PreferenceConfig:
     an attribute reader (`AttributeReader`; the shapes world's judge) and fits a Bradley-Terry model of the picks over
     them (`reader_start`): per slot (colour, background, size...) the best-liked attribute joins if it beats the
     slot's average by ``init_margin``. With an attribute ``branch`` and a population prior (``init_from=tiny``
-    sets all of it, and is the default on `tiny`), the start alone (``steps=0``) won 0.759 [0.737, 0.780] against
-    the base over 32 simulated users never used in development, with +11.7 to +12.8 compliance points (16 picks
-    each, `bench/eval_preference.py`; the zero start with DPO, ``init_from=none``: 0.542)."""
+    sets all of it, and is the default on `tiny`), the start alone (``steps=0``) won 0.755 [0.741, 0.768] against
+    the base over 80 simulated users never used in development, with +12.2 compliance points (16 picks each,
+    `bench/eval_preference.py`; the zero start with DPO, ``init_from=none``: 0.542)."""
     init_l2: float = 3.0
     """With ``init_reader``: the ridge weight of the Bradley-Terry fit (16 picks name about as many attributes)."""
     init_from: str = "auto"
