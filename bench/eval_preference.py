@@ -114,7 +114,14 @@ Session 14 measured where the rest is lost, then changed how two attributes are 
   exactly (the bench floored each user's ties until session 14); compliance +12.2 points (+11.8 before). Where the
   users labelled the same picks as before, the change moved sets by -0.060 to +0.016: users whose attribute had
   been drawn too weakly gained (8905: 0.875 against 0.771), and wrong choices, now drawn as firmly, lost (8802: 0.271
-  against 0.375). The per-user target is still not met.
+  against 0.375). Users 9101-9108, never used before, won 0.672 [0.623, 0.717] with it and 0.681 with the shared
+  softmax (the same picks; -0.009, se 0.014): over all 88 held-out users 0.747 [0.734, 0.760], compliance +12.3
+  points. The per-user target is not met; per user the change is neutral (-0.004 over 88 users), and it stays
+  because a prompt that names one slot no longer weakens the other (`tests/test_preference.py`).
+- Users who care about size are the hard ones: 0.741 (23 users who like large objects) and 0.701 (22 who like small
+  ones) against 0.774 (43 indifferent). Their picks weigh a size that no attribute in the vocabulary explains, and
+  the branch's tokens draw the object smaller than the base (judge coverage 0.19-0.24 against 0.26 on the
+  evaluation prompts, whatever the attribute).
 
 Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
 and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
@@ -139,6 +146,11 @@ studio/assets/tiny_preference.safetensors``): the same 400 users, 256-prompt poo
 default build, so it skips the 5-minute pool; on users 7301-7308 it gives the built population's 0.737 exactly. The
 run's ``init_top`` (2) replaces the file's (3), though with only the colour and background slots left no user ever
 gets a third attribute: ``--set init_top=3`` gave the same result on 8801-8816, user by user.
+With each attribute group attending on its own (session 14, above) the same 64 users won 0.734 (7301-7308), 0.652
+(8401-8408), 0.703 (8501-8508), 0.677 (8601-8608), 0.611 and 0.659 (8701-8708, 8709-8716), 0.697 and 0.673
+(8801-8808, 8809-8816): 0.672 [0.655, 0.688] floored as before, 0.676 [0.659, 0.692] with ties counted as half,
+compliance +12.0 points; on 8801-8816 (the same picks) +0.023 per user (se 0.014; better for 9, worse for 4). Still
+short of 0.70.
 The proxy (dev users 200-499) put this 4-pick inference at 0.707 with the first population and 0.719 with this one.
 The ``posterior`` ceiling with 4 picks (``--mode posterior --pairs 4``: handed the world's true user prior, and
 drawing with the prompt's own words) on the same 32 users: 0.724 (7301-7308), 0.711 [0.664, 0.754] (8401-8408),

@@ -151,9 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options += [list(p) for p in itertools.combinations(candidates, 2) if attribute_slot(p[0]) != attribute_slot(p[1])]
     prior_users = [random_user(seed) for seed in range(500_000, 500_000 + args.posterior)]
     results: dict[str, list[float]] = {"start": [], "oracle": [], **({"posterior": []} if prior_users else {})}
+    used: list[int] = []
     for seed in range(int(first), int(last or first) + 1):
         user = random_user(seed)
         picks = user_picks(user, pools[POOL_SEEDS[seed % len(POOL_SEEDS)]], args.pairs)
+        used.append(len(picks))  # fewer than --pairs when the cached pool runs out
         differences = torch.tensor([presence(a, candidates) for a, _ in picks]) - torch.tensor(
             [presence(b, candidates) for _, b in picks]
         )
@@ -174,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             results["posterior"].append(win_rate(user, evaluation, max(options, key=expected)))
     for name, rates in results.items():
-        print(f"{name:>9}: proxy win rate {np.mean(rates):.3f} over {len(rates)} users ({args.pairs} picks each)")
+        print(
+            f"{name:>9}: proxy win rate {np.mean(rates):.3f} over {len(rates)} users ({np.mean(used):.1f} picks each)"
+        )
     return 0
 
 
