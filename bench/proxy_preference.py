@@ -8,7 +8,7 @@ separates the choice from the drawing, for hundreds of users in seconds:
    readings (``--cache``; about five minutes on 2 CPU cores the first time).
 2. Each simulated user labels pairs as in the eval (ties skipped, Bradley-Terry picks) until it has ``--pairs``.
 3. The start chooses attributes from those picks exactly as the trainer does (the judge reader's presence
-   differences, `fit_attribute_utilities` with the shipped population's prior, `liked_attributes`).
+   differences, `reading_presence`, `fit_attribute_utilities` with the shipped population's prior, `liked_attributes`).
 4. Scoring assumes perfect drawing: a chosen attribute replaces what the base drew in the slot a prompt leaves open
    (a colour for prompts that name none, a background likewise); the user's score decides each comparison, a tie
    counts half.
@@ -52,6 +52,7 @@ from trainers.preference import (  # noqa: E402
     UtilityPrior,
     fit_attribute_utilities,
     liked_attributes,
+    reading_presence,
 )
 
 POOL_SEEDS = range(100, 108)
@@ -101,17 +102,6 @@ def user_picks(user: SimulatedUser, pool: Sequence[tuple[Reading, Reading]], cou
     return picks
 
 
-def presence(reading: Reading, candidates: Sequence[str]) -> list[float]:
-    """The judge reader's presence of each candidate (`trainers.preference.JudgeAttributes`, colours and
-    backgrounds)."""
-    return [
-        float(background_phrase(reading.background) == c.split()[0])
-        if len(c.split()) == 2
-        else float(reading.colour == c)
-        for c in candidates
-    ]
-
-
 def drawn(reading: Reading, style: str, chosen: Sequence[str]) -> Reading:
     """``reading`` with the chosen attributes drawn in the slots a prompt of ``style`` leaves open."""
     for attribute in chosen:
@@ -156,9 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         user = random_user(seed)
         picks = user_picks(user, pools[POOL_SEEDS[seed % len(POOL_SEEDS)]], args.pairs)
         used.append(len(picks))  # fewer than --pairs when the cached pool runs out
-        differences = torch.tensor([presence(a, candidates) for a, _ in picks]) - torch.tensor(
-            [presence(b, candidates) for _, b in picks]
-        )
+        differences = torch.stack([reading_presence(a, candidates) - reading_presence(b, candidates) for a, b in picks])
         utilities = fit_attribute_utilities(differences, 3.0, prior)
         results["start"].append(win_rate(user, evaluation, liked_attributes(candidates, utilities, margin, top)))
         results["oracle"].append(max(win_rate(user, evaluation, chosen) for chosen in options))

@@ -340,24 +340,34 @@ class JudgeAttributes:
 
     @torch.no_grad()
     def presence(self, images: Sequence[Image.Image], attributes: Sequence[str]) -> torch.Tensor:
-        """One judge read per image; each attribute is then a lookup in the reading."""
-        from studio.world.scene import SIZES, background_phrase
+        """One judge read per image; each attribute is then a lookup in the reading (`reading_presence`)."""
+        readings = self.judge.read(list(images))
+        return (
+            torch.stack([reading_presence(r, attributes) for r in readings])
+            if readings
+            else torch.zeros(0, len(attributes))
+        )
 
-        large = 3.0 * SIZES["large"] ** 2  # the covered share of one large object
-        out = torch.zeros(len(images), len(attributes))
-        for i, reading in enumerate(self.judge.read(list(images))):
-            size = min(1.0, reading.coverage / large)
-            for j, attribute in enumerate(a.strip().lower() for a in attributes):
-                words = attribute.split()
-                if len(words) == 2 and words[1] == "background":
-                    out[i, j] = float(background_phrase(reading.background) == words[0])
-                elif attribute == "large":
-                    out[i, j] = size
-                elif attribute == "small":
-                    out[i, j] = 1.0 - size
-                else:
-                    out[i, j] = float(reading.colour == attribute)
-        return out
+
+def reading_presence(reading: Any, attributes: Sequence[str]) -> torch.Tensor:
+    """``[len(attributes)]``: how much one judge reading (`studio.world.judge.Reading`) shows each attribute: object
+    colours ("red"), backgrounds ("black background", "striped background"), "large" and "small" (from the covered
+    area); 0 for any other attribute."""
+    from studio.world.scene import SIZES, background_phrase
+
+    size = min(1.0, reading.coverage / (3.0 * SIZES["large"] ** 2))  # the covered share of one large object
+    out = torch.zeros(len(attributes))
+    for j, attribute in enumerate(a.strip().lower() for a in attributes):
+        words = attribute.split()
+        if len(words) == 2 and words[1] == "background":
+            out[j] = float(background_phrase(reading.background) == words[0])
+        elif attribute == "large":
+            out[j] = size
+        elif attribute == "small":
+            out[j] = 1.0 - size
+        else:
+            out[j] = float(reading.colour == attribute)
+    return out
 
 
 def attribute_reader_from_spec(spec: str) -> AttributeReader:
