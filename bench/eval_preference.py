@@ -150,7 +150,9 @@ With each attribute group attending on its own (session 14, above) the same 64 u
 (8401-8408), 0.703 (8501-8508), 0.677 (8601-8608), 0.611 and 0.659 (8701-8708, 8709-8716), 0.697 and 0.673
 (8801-8808, 8809-8816): 0.672 [0.655, 0.688] floored as before, 0.676 [0.659, 0.692] with ties counted as half,
 compliance +12.0 points; on 8801-8816 (the same picks) +0.023 per user (se 0.014; better for 9, worse for 4). Still
-short of 0.70.
+short of 0.70. The 4-pick choice has little to gain either: on the proxy's readings (dev users 200-499) the
+population weighed by Bayes' rule chooses at 0.681, the per-user Gaussian prior fit at 0.680, a tempered weighing
+(likelihood halved) at 0.685, and one attribute instead of two at 0.63.
 The proxy (dev users 200-499) put this 4-pick inference at 0.707 with the first population and 0.719 with this one.
 The ``posterior`` ceiling with 4 picks (``--mode posterior --pairs 4``: handed the world's true user prior, and
 drawing with the prompt's own words) on the same 32 users: 0.724 (7301-7308), 0.711 [0.664, 0.754] (8401-8408),
