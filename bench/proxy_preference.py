@@ -61,13 +61,6 @@ Evaluation = list[tuple[str, list[Reading]]]
 """Per held-out prompt: its caption style and the base's readings of its seeds."""
 
 
-def _reading(row: dict) -> Reading:
-    return Reading(
-        row["background"], row["count"], row["shape"], row["colour"], [tuple(p) for p in row["pairs"]],
-        row["coverage"], row["confidence"],
-    )  # fmt: skip
-
-
 def readings(cache: Path, pool_prompts: int) -> tuple[dict[int, list[tuple[Reading, Reading]]], Evaluation]:
     """The judge's readings of the pick pools and of the eval's base images, from ``cache`` or made and cached."""
     if not cache.is_file():
@@ -84,8 +77,12 @@ def readings(cache: Path, pool_prompts: int) -> tuple[dict[int, list[tuple[Readi
         ]
         cache.write_text(json.dumps(data))
     data = json.loads(cache.read_text())
-    pools = {int(seed): [(_reading(a), _reading(b)) for a, b in rows] for seed, rows in data.items() if seed != "eval"}
-    return pools, [(style, [_reading(r) for r in rows]) for style, rows in data["eval"]]
+    pools = {
+        int(seed): [(Reading.from_dict(a), Reading.from_dict(b)) for a, b in rows]
+        for seed, rows in data.items()
+        if seed != "eval"
+    }
+    return pools, [(style, [Reading.from_dict(r) for r in rows]) for style, rows in data["eval"]]
 
 
 def user_picks(user: SimulatedUser, pool: Sequence[tuple[Reading, Reading]], count: int) -> list[Pick]:

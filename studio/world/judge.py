@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,6 +71,14 @@ class Reading:
             "coverage": round(self.coverage, 4),
             "confidence": round(self.confidence, 4),
         }
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Reading:
+        """The reading `to_dict` wrote (its pairs as tuples again)."""
+        pairs = [(str(shape), str(colour)) for shape, colour in row["pairs"]]
+        return cls(
+            row["background"], row["count"], row["shape"], row["colour"], pairs, row["coverage"], row["confidence"]
+        )
 
 
 class JudgeNet(nn.Module):
