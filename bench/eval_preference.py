@@ -419,15 +419,21 @@ def attribute_examples(count: int, seed: int = 0, size_share: float = 0.0) -> li
     its open slots ("red" or "dotted background"), the prompt with it in words ("a red circle"), and a rendering of
     that. Drawn from the base's training distribution, not from the evaluation's held-out combinations.
 
-    A ``size_share`` of the lessons teach the size words of the vocabulary: "large" or "small" on a caption that
-    names no size ("a red circle on a blue background"), against the world's sized caption of the same scene ("a
-    large red circle on a blue background"), the one style in which the base model learned size words. Without
-    them the branch reads "large" through projections no lesson shaped: on 12 evaluation prompts its tokens changed
-    the object's colour in half the images and the background in more than half, and the size not at all. Off by
-    default (the shipped branch has none): with a third of its 2000 lessons on sizes (900 steps), the tokens of
-    "small" covered 0.165 of the image and those of "large" 0.263, against the base's 0.233; and with size words in
-    the vocabulary dev users 100-104 won 0.667, 0.667, 0.771, 0.917, 0.729, about what they won without those lessons
-    (0.667, 0.667, 0.750, 0.917, 0.688); the vocabulary has since dropped the size words."""
+    A ``size_share`` of the lessons teach the size words: "large" or "small" on a caption that names no size ("a
+    red circle on a blue background"), learnt from the rendering of the sized scene itself (``expanded`` None: the
+    target is the image's noise), because the base model barely draws a size its words ask for. Without them the
+    branch reads "large" through projections no lesson shaped: on 12 evaluation prompts its tokens changed the
+    object's colour in half the images and the background in more than half, and the size not at all. Off by
+    default (the shipped branch has none). Distilled from the sized caption instead (an earlier recipe), with a
+    third of 2000 lessons on sizes (900 steps): the tokens of "small" covered 0.165 of the image and those of "large"
+    0.263, against the base's 0.233; with size words in the vocabulary dev users 100-104 won 0.667, 0.667, 0.771,
+    0.917, 0.729, about what they won without them (0.667, 0.667, 0.750, 0.917, 0.688), and the vocabulary dropped
+    the size words. Learnt from the images (session 15, same share and steps; the 24 evaluation prompts, two seeds
+    each), the tokens of "large" enlarged the object in 0.69 of the comparisons (mean change of the covered share
+    +0.013, sd 0.090) and "small" shrank it in 0.79 (-0.074, sd 0.167), but both changed the object's colour or the
+    background in 41 and 44 of 48 comparisons, and "small" kept the prompt's words in 0.44 of the images (the base:
+    0.77): too blunt to draw a user's size taste, which the proxy put at +0.06 of win rate if it could be drawn
+    without disturbing the rest."""
     rng = random.Random(f"attribute-examples:{seed}")
     examples = []
     for _ in range(count):
@@ -441,9 +447,7 @@ def attribute_examples(count: int, seed: int = 0, size_share: float = 0.0) -> li
                 scene, objects=(replace(obj, size=size, position="center" if size == "large" else obj.position),)
             )
             plain = caption_for(replace(sized, caption_style="full"))
-            examples.append(
-                AttributeExample(plain, size, caption_for(replace(sized, caption_style="sized")), render(sized))
-            )
+            examples.append(AttributeExample(plain, size, None, render(sized)))
             continue
         slots = [
             *(["colour"] if style in ("bare", "no_colour") else []),

@@ -22,7 +22,7 @@ from pipelines.kinds.preference import (
 )
 from pipelines.requests import AdapterRef, GenerationRequest
 from pipelines.service import PipelineService
-from studio.adapter_files import AdapterFile, AdapterMetadata
+from studio.adapter_files import AdapterFile, AdapterMetadata, save_adapter
 from studio.errors import InvalidInputError, NotAvailableError, StudioError
 from studio.preferences import PreferencePair
 from studio.testing import tiny_model_path
@@ -31,6 +31,7 @@ from trainers.core.config import load_config
 from trainers.preference import (
     DEFAULT_STEPS,
     SHIPPED_STARTS,
+    WINDOWS_KEY,
     AttributeExample,
     ClipVisionFeatures,
     JudgeFeatures,
@@ -240,6 +241,17 @@ def test_the_attribute_branch_trains_the_projections_a_user_then_starts_from(tmp
         service.generate(GenerationRequest(prompt=PROMPT, seeds=[0], steps=2, adapters=[AdapterRef("branch")]))
 
 
+def test_an_attribute_lesson_without_words_learns_from_its_image():
+    # An attribute the base model does not draw from words (tiny: an object's size) is taught by its images: the
+    # target is the noise added to the image, which the plain prompt misses by far more than it misses the base
+    # model's own prediction on the worded prompt.
+    base = tiny_base()
+    cfg = PreferenceConfig(mode="branch", steps=1, batch_size=2)
+    worded = train_attribute_branch(cfg, attribute_lessons(8), base).metadata.config
+    pictured = train_attribute_branch(cfg, [replace(e, expanded=None) for e in attribute_lessons(8)], base)
+    assert pictured.metadata.config["held_out_error_plain_prompt"] > 10 * worded["held_out_error_plain_prompt"]
+
+
 def test_a_branch_must_be_a_branch_file(tmp_path):
     base = tiny_base()
     missing = PreferenceConfig(steps=1, batch_size=2, branch=str(tmp_path / "nope.safetensors"))
@@ -283,6 +295,10 @@ def one_step_branch(tmp_path, base):
 def test_an_attribute_population_embeds_a_new_user_from_a_few_picks(tmp_path):
     base = tiny_base()
     branch = one_step_branch(tmp_path, base)
+    # The branch says when in denoising "red" acts; the population and its users carry that along.
+    windowed = load_branch(branch)
+    windowed.metadata.config[WINDOWS_KEY] = {"red": [0.0, 0.6]}
+    save_adapter(branch, windowed)
 
     def picks(user: str, liked: str, others: tuple[str, ...]) -> list[PreferencePair]:
         return [
@@ -303,6 +319,7 @@ def test_an_attribute_population_embeds_a_new_user_from_a_few_picks(tmp_path):
     # A new user picked red twice: of the population, the red lovers explain that.
     user = embed_user(population, picks("carol", "red", ("green", "yellow")), attribute_reader=ColourReader())
     assert user.metadata.config["attribute_groups"] == ["red"]
+    assert user.metadata.config["attribute_timesteps"] == [[0.0, 0.6]]
     assert torch.allclose(user.tensors[TOKENS_KEY], phrase_tokens(base.pipeline, "red", 4, torch.device("cpu")))
     write(tmp_path, "carol", user)
     images = PipelineService(base, adapter_source=tmp_path).generate(
@@ -519,6 +536,39 @@ def test_attribute_token_groups_yield_to_the_prompts_words(tmp_path):
     try:
         with pytest.raises(InvalidInputError, match="attribute groups"):
             service.generate(GenerationRequest(prompt=PROMPT, seeds=[1], steps=STEPS, adapters=[AdapterRef("bad")]))
+    finally:
+        service.close()
+
+
+def test_an_attribute_group_acts_only_in_its_timestep_window(tmp_path):
+    tokens = torch.randn(8, 32, generator=torch.Generator().manual_seed(3)) * 3.0
+    base = {"mode": "user", "user_id": "dana", "attribute_groups": ["black background", "red"]}
+    base |= {"attribute_nouns": ["background"], "tokens_per_attribute": 4}
+
+    def adapter(name: str, **config: object) -> None:
+        meta = AdapterMetadata(kind="preference", family="sd1", config={**base, **config})
+        write(tmp_path, name, AdapterFile({TOKENS_KEY: tokens}, meta))
+
+    adapter("always")
+    adapter("whole-schedule", attribute_timesteps=[[0.0, 1.0], [0.0, 1.0]])
+    adapter("never", attribute_timesteps=[[0.0, 0.0], [1.0, 1.0]])  # no sampling step is at exactly t = 0 or 1000
+    adapter("red-late", attribute_timesteps=[[0.0, 1.0], [0.0, 0.5]])
+    adapter("bad", attribute_timesteps=[[0.0, 1.5], [0.0, 1.0]])
+    service = PipelineService(tiny_base(), adapter_source=tmp_path)
+    try:
+
+        def image(adapter: str | None) -> np.ndarray:
+            refs = [AdapterRef.parse(adapter)] if adapter else []
+            request = GenerationRequest(prompt="a circle", seeds=[1], steps=STEPS, width=64, height=64, adapters=refs)
+            return pixels(service.generate(request).images[0])
+
+        plain, always = image(None), image("always")
+        assert np.array_equal(image("whole-schedule"), always)
+        assert np.array_equal(image("never"), plain)
+        late = image("red-late")
+        assert not np.array_equal(late, always) and not np.array_equal(late, plain)
+        with pytest.raises(InvalidInputError, match="low <= high <= 1"):
+            image("bad")
     finally:
         service.close()
 

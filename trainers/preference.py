@@ -501,9 +501,10 @@ def _dpo_step(
     cfg: PreferenceConfig,
     generator: torch.Generator,
     groups: int = 1,
+    windows: Sequence[tuple[float, float]] = (),
 ) -> DpoResult:
     """DPO loss of pairs ``rows`` with ``tokens`` (``[len(rows), n, width]``, one user per row, in ``groups``
-    attribute groups attended each on its own, as at generation)."""
+    attribute groups attended each on its own and acting in their timestep ``windows``, as at generation)."""
     device, dtype = model.device, model.dtype
     index = torch.tensor(list(rows))
     preferred = data.preferred[index].to(device, dtype)
@@ -524,7 +525,15 @@ def _dpo_step(
     with torch.no_grad():
         ref = model.unet(noisy, both_t, encoder_hidden_states=both_embeds).sample
     # 3. The model: the branch on, reading each row's user tokens.
-    state = UserTokensState(torch.cat([tokens, tokens]).to(dtype), model.branches, 1.0, groups=groups)
+    train_timesteps = int(model.scheduler.config.num_train_timesteps)
+    state = UserTokensState(
+        torch.cat([tokens, tokens]).to(dtype),
+        model.branches,
+        1.0,
+        groups=groups,
+        windows=windows,
+        train_timesteps=train_timesteps,
+    )
     with model.seam.context.activate([("preference", state)]):
         pred = model.unet(noisy, both_t, encoder_hidden_states=both_embeds).sample
     return diffusion_dpo_loss(
@@ -884,6 +893,25 @@ def population_prior(path: str | Path, candidates: Sequence[str], reader: Attrib
     return UtilityPrior.from_population(population.tensors[UTILITIES_KEY].float())
 
 
+WINDOWS_KEY = "attribute_windows"
+"""A branch's (or an ``attributes`` population's) header key: ``{attribute: [low, high]}``, the share of the noise
+schedule in which each attribute's tokens act (`pipelines.kinds.preference.UserTokensState`), measured for the
+branch by `bench/calibrate_preference.py`. Attributes it does not name act at every step."""
+
+
+def group_windows(config: dict[str, Any], attributes: Sequence[str]) -> dict[str, Any]:
+    """A user adapter's ``attribute_timesteps`` (one window per attribute group) from a branch header's
+    `WINDOWS_KEY` table; ``{}`` when the branch has none (every group then acts at every step).
+
+    >>> group_windows({"attribute_windows": {"red": [0.0, 0.6]}}, ["red", "black background"])
+    {'attribute_timesteps': [[0.0, 0.6], [0.0, 1.0]]}
+    """
+    table = config.get(WINDOWS_KEY) or {}
+    if not table:
+        return {}
+    return {"attribute_timesteps": [[float(v) for v in table.get(a, [0.0, 1.0])] for a in attributes]}
+
+
 @torch.no_grad()
 def reader_start(
     pipeline: Any,
@@ -986,10 +1014,14 @@ def train_user_preference(
         def current() -> torch.Tensor:
             return norm * F.normalize(weights, dim=-1) if norm else weights
 
+        windows: dict[str, Any] = {}
         if cfg.branch:
             branch = load_branch(cfg.branch)
             model.branches.load_layer_tensors(branch.tensors)
             model.branches.joint = branch_attention(branch.metadata.config) == "joint"
+            if start:
+                windows = group_windows(branch.metadata.config, start.attributes)
+        group_timesteps = [tuple(w) for w in windows.get("attribute_timesteps", [])]
         groups: list[dict[str, Any]] = [{"params": [weights], "lr": cfg.lr}]
         model.branches.to(model.device).requires_grad_(cfg.train_projections)
         if cfg.train_projections:
@@ -1005,7 +1037,7 @@ def train_user_preference(
             rows = [rng.randrange(len(pairs)) for _ in range(cfg.batch_size)]
             # Each pair's mask zeroes the attribute groups its prompt decides, as generation will.
             row_tokens = current().unsqueeze(0) * masks[torch.tensor(rows)][:, :, None]
-            result = _dpo_step(model, data, rows, row_tokens, cfg, generator, attribute_groups)
+            result = _dpo_step(model, data, rows, row_tokens, cfg, generator, attribute_groups, group_timesteps)
             _optimise(result, optimizer, params, cfg.max_grad_norm, losses, accuracies)
             _log_and_report(reporter, step, cfg, losses, accuracies)
         reporter.close()
@@ -1021,6 +1053,7 @@ def train_user_preference(
             "attribute_groups": start.attributes,
             "attribute_nouns": start.nouns,
             "tokens_per_attribute": cfg.tokens,
+            **windows,
         }
     if cfg.train_projections or cfg.branch:
         tensors.update({k: v.float().cpu() for k, v in model.branches.layer_tensors().items()})
@@ -1047,11 +1080,15 @@ def train_user_preference(
 @dataclass(frozen=True)
 class AttributeExample:
     """One lesson for the attribute branch: ``prompt`` leaves a slot open, ``attribute`` fills it (``red``, ``black
-    background``), ``expanded`` is the prompt with the attribute in its words, and ``image`` shows ``expanded``."""
+    background``), ``expanded`` is the prompt with the attribute in its words, and ``image`` shows ``expanded``.
+
+    ``expanded`` None: the lesson's target is ``image`` itself (the noise added to it), not the base model's
+    prediction on words. For attributes the base model does not draw when its prompt names them (`tiny` and object
+    size), distilling from its words would teach the branch to draw them as weakly as the words do."""
 
     prompt: str
     attribute: str
-    expanded: str
+    expanded: str | None
     image: Image.Image
 
 
@@ -1095,7 +1132,7 @@ def train_attribute_branch(
         # 1. Data: latents of the images, text states of both prompts, tokens of each attribute (all encoded once).
         size = int(model.unet.config.sample_size) * int(pipeline.vae_scale_factor)
         latents = _image_latents(pipeline, [e.image for e in examples], size, model.device).to(model.device)
-        texts = [text for e in examples for text in (e.prompt, e.expanded)]
+        texts = [text for e in examples for text in (e.prompt, e.expanded) if text is not None]
         states = {text: state.to(model.device) for text, state in _prompt_states(pipeline, texts, model.device).items()}
         tokens = {a: phrase_tokens(pipeline, a, cfg.tokens, model.device) for a in {e.attribute for e in examples}}
         held_out = list(range(len(examples) - max(1, len(examples) // 16), len(examples)))
@@ -1109,8 +1146,12 @@ def train_attribute_branch(
             noisy = model.scheduler.add_noise(clean, noise, timesteps)
             plain_states = torch.stack([states[examples[i].prompt] for i in rows]).to(model.dtype)
             with torch.no_grad():
-                expanded = torch.stack([states[examples[i].expanded] for i in rows]).to(model.dtype)
-                teacher = model.unet(noisy, timesteps, encoder_hidden_states=expanded).sample
+                # A lesson without words to distil from learns from its image: the target is the added noise.
+                expanded = torch.stack([states[examples[i].expanded or examples[i].prompt] for i in rows])
+                teacher = model.unet(noisy, timesteps, encoder_hidden_states=expanded.to(model.dtype)).sample
+                from_image = torch.tensor([examples[i].expanded is None for i in rows], device=model.device)
+                target = training_target(model.scheduler, clean, noise, timesteps).to(teacher.dtype)
+                teacher = torch.where(from_image[:, None, None, None], target, teacher)
                 plain = model.unet(noisy, timesteps, encoder_hidden_states=plain_states).sample
             state = UserTokensState(torch.stack([tokens[examples[i].attribute] for i in rows]), model.branches, 1.0)
             with model.seam.context.activate([("preference", state)]):
@@ -1299,6 +1340,7 @@ def _attribute_population(
         "pairs": len(pairs),
         "init_margin": cfg.init_margin,
         "init_top": cfg.init_top,
+        **({WINDOWS_KEY: branch.metadata.config[WINDOWS_KEY]} if WINDOWS_KEY in branch.metadata.config else {}),
         "training": config_to_dict(cfg),
     }
     logger.info("attribute population: %d users over %d candidates", len(users), len(candidates))
@@ -1332,6 +1374,7 @@ def _embed_by_attributes(
         "attribute_groups": chosen,
         "attribute_nouns": attribute_nouns(candidates),
         "tokens_per_attribute": tokens_per_attribute,
+        **group_windows(config, chosen),
         "initial_attributes": chosen,
         "population_users_weighed": round(float(1.0 / (weights**2).sum()), 2),
     }

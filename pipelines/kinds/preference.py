@@ -180,6 +180,12 @@ class UserTokensState(ConditioningState):
     ``positive_rows_only`` and a batch of ``[negative; positive]`` rows, the negative rows get zero tokens: with the
     bias-free projections of SD-style U-Nets the branch then adds exactly nothing to them. ``groups``: the tokens are
     that many attribute groups, each attended on its own (`ExtraTokens`).
+
+    ``windows`` (one per group, or none): the share of the noise schedule, ``(low, high)`` in ``[0, 1]`` of
+    ``num_train_timesteps``, in which a group acts; outside it the group's tokens are zero. Denoising decides an
+    image's layout and background at high noise and an object's colour and texture at low noise, and an attribute
+    that acts where it is not decided disturbs what is (on `tiny`, a colour's tokens at high noise shrank the
+    object and missed the colour more often; `bench/calibrate_preference.py` measures each attribute's window).
     """
 
     def __init__(
@@ -190,12 +196,32 @@ class UserTokensState(ConditioningState):
         *,
         positive_rows_only: bool = False,
         groups: int = 1,
+        windows: Sequence[tuple[float, float]] = (),
+        train_timesteps: int = 1000,
     ) -> None:
         self.tokens = tokens if tokens.dim() == 3 else tokens.unsqueeze(0)
         self.branches = branches
         self.scale = float(scale)
         self.positive_rows_only = positive_rows_only
         self.groups = groups
+        if windows and len(windows) != groups:
+            raise ValueError(f"expected one timestep window per attribute group ({groups}), found {len(windows)}")
+        self.windows = [(float(low), float(high)) for low, high in windows]
+        self.train_timesteps = train_timesteps
+
+    def _in_windows(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor | None:
+        """``tokens`` with the groups outside their window zeroed at ``timestep`` (one value, or one per row);
+        ``None`` when no group acts."""
+        share = timestep.detach().reshape(-1, 1).float().cpu() / self.train_timesteps
+        low = torch.tensor([w[0] for w in self.windows])
+        high = torch.tensor([w[1] for w in self.windows])
+        active = (share >= low) & (share <= high)  # [1 or rows, groups]
+        if not bool(active.any()):
+            return None
+        if bool(active.all()):
+            return tokens
+        per_token = active.repeat_interleave(tokens.shape[-2] // self.groups, dim=1)
+        return tokens * per_token[..., None].to(device=tokens.device, dtype=tokens.dtype)
 
     def extra_tokens(self, call: LayerCall) -> ExtraTokens | None:
         if self.scale == 0.0:
@@ -205,6 +231,11 @@ class UserTokensState(ConditioningState):
         if self.positive_rows_only and batch % 2 == 0:
             tokens = tokens.expand(batch // 2, -1, -1) if tokens.shape[0] == 1 else tokens
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
+        if self.windows and call.timestep is not None:
+            windowed = self._in_windows(tokens, call.timestep)
+            if windowed is None:
+                return None
+            tokens = windowed
         index = call.layer_index
         return ExtraTokens(
             tokens,
@@ -303,6 +334,32 @@ def attribute_slot(attribute: str) -> str:
     if words and words[0] in _SIZE_WORDS:
         return "size"
     return attribute.lower()
+
+
+def attribute_windows(config: dict[str, Any], groups: Sequence[str], source: str) -> list[tuple[float, float]]:
+    """The timestep windows of ``groups`` in an adapter's ``attribute_timesteps`` (one ``[low, high]`` share of the
+    noise schedule per group; absent: every group acts at every step, ``[]``), checked.
+
+    >>> attribute_windows({"attribute_timesteps": [[0.0, 0.6], [0.5, 1.0]]}, ["red", "black background"], "x")
+    [(0.0, 0.6), (0.5, 1.0)]
+    """
+    given = config.get("attribute_timesteps")
+    if not given:
+        return []
+    if not isinstance(given, list) or len(given) != len(groups):
+        raise InvalidInputError(
+            f"expected {source}'s attribute_timesteps as one [low, high] per attribute group ({len(groups)}), "
+            f"found {given!r}"
+        )
+    windows = []
+    for window in given:
+        if not (isinstance(window, list) and len(window) == 2 and 0.0 <= float(window[0]) <= float(window[1]) <= 1.0):
+            raise InvalidInputError(
+                f"expected {source}'s attribute_timesteps as [low, high] shares with 0 <= low <= high <= 1, "
+                f"found {window!r}"
+            )
+        windows.append((float(window[0]), float(window[1])))
+    return windows
 
 
 def attribute_nouns(attributes: Sequence[str]) -> list[str]:
@@ -479,6 +536,8 @@ class PreferenceKind:
                     f"preference '{self.name}' has {tokens.shape[0]} tokens but {len(self.groups)} attribute groups "
                     f"of {self.tokens_per_attribute}"
                 )
+            self.windows = attribute_windows(config, self.groups, f"preference '{self.name}'")
+            self.train_timesteps = int(getattr(base_model.pipeline.scheduler.config, "num_train_timesteps", 1000))
         self.liked, self.disliked = clean_attributes(config.get("liked", []), config.get("disliked", []))
         self.attribute_scale = float(config.get("attribute_scale", DEFAULT_ATTRIBUTE_SCALE))
 
@@ -515,6 +574,8 @@ class PreferenceKind:
             scale,
             positive_rows_only=request.classifier_free_guidance,
             groups=max(1, len(self.groups)),
+            windows=self.windows,
+            train_timesteps=self.train_timesteps,
         )
 
     def _attribute_state(self, request: ConditioningRequest, scale: float) -> AttributeGuidanceState:
