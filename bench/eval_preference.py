@@ -123,6 +123,29 @@ Session 14 measured where the rest is lost, then changed how two attributes are 
   the branch's tokens draw the object smaller than the base (judge coverage 0.19-0.24 against 0.26 on the
   evaluation prompts, whatever the attribute).
 
+Session 15 compared the eval with the proxy user by user, then changed when each attribute acts:
+
+- On the 72 held-out users whose pick pools the proxy caches (each set's first eight), the proxy put the start at
+  0.767 and the eval measured 0.740 (users who like large objects 0.763 against 0.728, small 0.696 against 0.687,
+  indifferent 0.798 against 0.769). Comparison by comparison, on the six users the eval put furthest below the
+  proxy (7308, 8808, 9104, 9105, 8802, 9102; the eval reproduced their win rates exactly), most of the gap is
+  comparisons the proxy calls ties and the eval losses: the preference's object came out smaller, which users who
+  like large objects score lower, or vanished (no colour read). The base model does the same with words: naming a
+  background shrank the covered share by 0.055 to 0.062 on the evaluation prompts ("white", "blue", "gray"), naming
+  a colour did not (+0.002 to +0.039); the branch's colour tokens at every step did (-0.099 for "red").
+- Each attribute group now acts in its own share of the noise schedule (`UserTokensState` ``windows``; the shipped
+  start's ``attribute_windows``, measured per attribute by `bench/calibrate_preference.py`; colours mostly at low
+  noise, backgrounds at every step). Users 8701-8716 and 8801-8816 (the same picks, so the same attributes): 0.747
+  and 0.753, against 0.745 and 0.749 before (+0.001 per user, se 0.004; 22 of 32 users the same), compliance +15.6
+  and +14.1 points against +14.2 and +12.6. Users 9101-9108: 0.673 against 0.672. Over the 40 users +0.001 per
+  user (se 0.004), compliance +15.1 points against +13.4. Population mode (``--population`` the shipped start) on
+  8801-8808 and 8809-8816: 0.701 and 0.673 against 0.697 and 0.673 (+0.002 per user, se 0.008), compliance +12.9
+  points against +10.2. The drawing is cleaner; the win rate does not move.
+- A size the branch could draw would: the proxy with the user's size read from the same 16 picks (the covered share
+  as one more Bradley-Terry feature, its sign right for 91% of the users who care) and the object enlarged or shrunk
+  by 0.04 of the image (sd 0.03) wins 0.81 on dev users 200-499, against 0.748 without. The size tokens learnt so far
+  are too blunt for it (`attribute_examples`).
+
 Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
 and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
 the weighed pick minus the weighed entropy of each user's). Far fewer pairs tied (0 to 2 skips in 16 picks, against

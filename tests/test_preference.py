@@ -354,6 +354,10 @@ def test_the_embedded_model_ships_a_start_for_per_user_preferences():
     )
     assert start.branch == start.init_prior == str(SHIPPED_STARTS["tiny"])
     assert load_branch(start.branch).tensors
+    # It says when in denoising each of its attributes acts (measured by bench/calibrate_preference.py).
+    windows = load_branch(start.branch).metadata.config[WINDOWS_KEY]
+    assert set(windows) == set(start.init_attributes)
+    assert all(0.0 <= low < high <= 1.0 for low, high in windows.values())
     with pytest.raises(InvalidInputError, match="found no file"):
         start_from(PreferenceConfig(init_from="nowhere.safetensors"))
 
