@@ -207,21 +207,27 @@ class UserTokensState(ConditioningState):
         if windows and len(windows) != groups:
             raise ValueError(f"expected one timestep window per attribute group ({groups}), found {len(windows)}")
         self.windows = [(float(low), float(high)) for low, high in windows]
+        self._low = torch.tensor([low for low, _ in self.windows])
+        self._high = torch.tensor([high for _, high in self.windows])
         self.train_timesteps = train_timesteps
+        # Every cross-attention layer of one U-Net call sees the same timestep: window the tokens once per call.
+        self._windowed: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _in_windows(self, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor | None:
         """``tokens`` with the groups outside their window zeroed at ``timestep`` (one value, or one per row);
         ``None`` when no group acts."""
+        if self._windowed is not None and self._windowed[0] is timestep:
+            return self._windowed[1]
         share = timestep.detach().reshape(-1, 1).float().cpu() / self.train_timesteps
-        low = torch.tensor([w[0] for w in self.windows])
-        high = torch.tensor([w[1] for w in self.windows])
-        active = (share >= low) & (share <= high)  # [1 or rows, groups]
+        active = (share >= self._low) & (share <= self._high)  # [1 or rows, groups]
+        windowed: torch.Tensor | None = tokens
         if not bool(active.any()):
-            return None
-        if bool(active.all()):
-            return tokens
-        per_token = active.repeat_interleave(tokens.shape[-2] // self.groups, dim=1)
-        return tokens * per_token[..., None].to(device=tokens.device, dtype=tokens.dtype)
+            windowed = None
+        elif not bool(active.all()):
+            per_token = active.repeat_interleave(tokens.shape[-2] // self.groups, dim=1)
+            windowed = tokens * per_token[..., None].to(device=tokens.device, dtype=tokens.dtype)
+        self._windowed = (timestep, windowed)
+        return windowed
 
     def extra_tokens(self, call: LayerCall) -> ExtraTokens | None:
         if self.scale == 0.0:
@@ -353,7 +359,8 @@ def attribute_windows(config: dict[str, Any], groups: Sequence[str], source: str
         )
     windows = []
     for window in given:
-        if not (isinstance(window, list) and len(window) == 2 and 0.0 <= float(window[0]) <= float(window[1]) <= 1.0):
+        numbers = isinstance(window, list) and len(window) == 2 and all(isinstance(v, int | float) for v in window)
+        if not (numbers and 0.0 <= float(window[0]) <= float(window[1]) <= 1.0):
             raise InvalidInputError(
                 f"expected {source}'s attribute_timesteps as [low, high] shares with 0 <= low <= high <= 1, "
                 f"found {window!r}"
