@@ -144,7 +144,17 @@ Session 15 compared the eval with the proxy user by user, then changed when each
 - A size the branch could draw would: the proxy with the user's size read from the same 16 picks (the covered share
   as one more Bradley-Terry feature, its sign right for 91% of the users who care) and the object enlarged or shrunk
   by 0.04 of the image (sd 0.03) wins 0.81 on dev users 200-499, against 0.748 without. The size tokens learnt so far
-  are too blunt for it (`attribute_examples`).
+  are too blunt for it (`attribute_examples`). Acting only over the high-noise quarter of the schedule (0.75-1) they
+  disturb less ("large": the object larger in 0.69 of the comparisons, colour or background changed in 29 of 48;
+  "small": smaller in 0.83, changed in 38, compliance 0.73 against the base's 0.77), but a start with "large" and
+  "small" in the vocabulary, on that branch (sizes over 0.75-1, the other attributes at the shipped windows) and a
+  population built as the shipped one (400 users, the 256-prompt pool, ``population_l2=0.1``; session 15, with the
+  vocabulary patched in a scratch script), won 0.725 on users 8701-8708 and 8801-8808 against 0.732 for the shipped
+  start on the same picks (-0.008 per user, se 0.017; better for 4, worse for 9), with compliance +9.4 points
+  against +16.1: with two attributes at most (``init_top`` 2), a size took a colour's place for 4 of the 16
+  users. With three (``--set init_top=3``), the size joining as a third group for 15 of them: 0.742 (+0.009 per
+  user, se 0.025; better for 9, worse for 6: 8802 +0.21, 8706 +0.14, 8703 +0.13, but 8708 -0.18, 8804 -0.11),
+  compliance +2.7 points against +16.1. Not kept: no clear gain, and the prompt's own words suffer.
 
 Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
 and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
