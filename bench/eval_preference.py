@@ -152,7 +152,7 @@ Session 15 compared the eval with the proxy user by user, then changed when each
   vocabulary patched in a scratch script), won 0.725 on users 8701-8708 and 8801-8808 against 0.732 for the shipped
   start on the same picks (-0.008 per user, se 0.017; better for 4, worse for 9), with compliance +9.4 points
   against +16.1: with two attributes at most (``init_top`` 2), a size took a colour's place for 4 of the 16
-  users. With three (``--set init_top=3``), the size joining as a third group for 15 of them: 0.742 (+0.009 per
+  users. With three (``--set init_top=3``), the size joining as a third group for all 16: 0.742 (+0.009 per
   user, se 0.025; better for 9, worse for 6: 8802 +0.21, 8706 +0.14, 8703 +0.13, but 8708 -0.18, 8804 -0.11),
   compliance +2.7 points against +16.1. Not kept: no clear gain, and the prompt's own words suffer.
 
