@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipelines.kinds.preference import KIND, LAYER_PREFIX, TOKENS_KEY, attribute_nouns  # noqa: E402
 from pipelines.requests import AdapterRef  # noqa: E402
 from studio.adapter_files import AdapterFile, AdapterMetadata, save_adapter  # noqa: E402
+from studio.errors import StudioError  # noqa: E402
 from studio.world.scene import random_scene  # noqa: E402
 from trainers.preference import (  # noqa: E402
     PHRASES_KEY,
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         start = attribute_population_file(args.start, "--start")
-    except Exception as error:  # noqa: BLE001 - a one-line message, no traceback
+    except StudioError as error:
         parser.error(str(error))
     candidates = [str(c) for c in start.metadata.config["candidates"]]
     wanted = [] if args.attributes == "none" else (args.attributes.split(",") if args.attributes else candidates)
