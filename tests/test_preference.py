@@ -382,6 +382,23 @@ def test_per_user_training_on_the_embedded_model_starts_from_its_shipped_start_b
         resolve_start(PreferenceConfig(steps=0), other)
 
 
+@pytest.mark.skipif(not (tiny_model_path() / "model_index.json").is_file(), reason="embedded tiny model not built")
+def test_a_user_trained_on_the_shipped_start_acts_in_its_measured_windows():
+    from studio.base_models import load_base_model
+    from studio.world.scene import ObjectSpec, Scene, render
+
+    def picture(colour: str, shape: str) -> Image.Image:
+        return render(Scene("white", (ObjectSpec(shape, colour),)))
+
+    shapes = ("circle", "square", "star", "cross", "ring", "circle")
+    pairs = [PreferencePair("erin", f"a {s}", picture("red", s), picture("blue", s)) for s in shapes]
+    adapter = train_user_preference(PreferenceConfig(), pairs, load_base_model("tiny"))
+    config = adapter.metadata.config
+    table = load_branch(SHIPPED_STARTS["tiny"]).metadata.config[WINDOWS_KEY]
+    assert "red" in config["attribute_groups"]
+    assert config["attribute_timesteps"] == [table[a] for a in config["attribute_groups"]]
+
+
 def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path):
     base = tiny_base()
     branch = one_step_branch(tmp_path, base)
