@@ -30,6 +30,7 @@ from studio.world.judge import JudgeNet
 from trainers.core.config import load_config
 from trainers.preference import (
     DEFAULT_STEPS,
+    GUIDED_KEY,
     SHIPPED_STARTS,
     WINDOWS_KEY,
     AttributeExample,
@@ -211,6 +212,48 @@ def test_the_reader_start_needs_candidates_and_a_known_reader():
         train_user_preference(cfg, pairs_of("alice", 4), tiny_base())
 
 
+class SizeReader(ColourReader):
+    """Colours as `ColourReader`, and "large"/"small" from the share of the image that is not white."""
+
+    name = "size"
+
+    def presence(self, images, attributes):
+        colours = super().presence(images, attributes)
+        for row, image in enumerate(images):
+            covered = float((np.asarray(image.convert("RGB")) != 255).any(axis=-1).mean())
+            for column, attribute in enumerate(attributes):
+                if attribute in ("large", "small"):
+                    colours[row, column] = covered if attribute == "large" else 1.0 - covered
+        return colours
+
+
+def square(colour: str, side: int) -> Image.Image:
+    image = Image.new("RGB", (64, 64), "white")
+    image.paste(Image.new("RGB", (side, side), colour), (8, 8))
+    return image
+
+
+def test_a_user_who_picks_the_larger_object_is_guided_towards_large():
+    base = tiny_base()
+    # Bo picks the larger square whatever its colour; the colours come in both orders, so they explain nothing.
+    pairs = [
+        PreferencePair("bo", f"a square {i}", square(a, 40), square(b, 16))
+        for i, (a, b) in enumerate((("red", "blue"), ("blue", "red"), ("green", "red"), ("red", "green")))
+    ]
+    keys = {"init_attributes": ("red", "blue", "green"), "init_reader": "size", "steps": 1, "batch_size": 2}
+    cfg = PreferenceConfig(lr=1e-12, guided_attributes=("large/small",), **keys)
+    config = train_user_preference(cfg, pairs, base, attribute_reader=SizeReader()).metadata.config
+    assert (config["liked"], config["disliked"], config["attribute_scale"]) == (["large"], ["small"], 0.85)
+    # Reversed picks read the other pole; a scale of 0 guides nothing.
+    flipped = [replace(p, preferred=p.other, other=p.preferred) for p in pairs]
+    config = train_user_preference(cfg, flipped, base, attribute_reader=SizeReader()).metadata.config
+    assert (config["liked"], config["disliked"]) == (["small"], ["large"])
+    off = replace(cfg, guided_scale=0.0)
+    assert "liked" not in train_user_preference(off, pairs, base, attribute_reader=SizeReader()).metadata.config
+    with pytest.raises(InvalidInputError, match="'large/small'"):
+        load_config(PreferenceConfig, overrides=["guided_attributes=large"])
+
+
 def attribute_lessons(count: int) -> list[AttributeExample]:
     colours = ("red", "blue", "green", "yellow")
     return [
@@ -312,13 +355,24 @@ def test_an_attribute_population_embeds_a_new_user_from_a_few_picks(tmp_path):
         for n in range(4)
         for pair in picks(f"user{n}", ("red", "blue")[n % 2], ("green", "yellow", "white", ("blue", "red")[n % 2]))
     ]
-    overrides = {"init_attributes": ("red", "blue", "green"), "init_reader": "colour", "branch": str(branch)}
-    cfg = PreferenceConfig(mode="population", population_encoder="attributes", context_pairs=2, **overrides)
-    population = train_population(cfg, population_pairs, base, attribute_reader=ColourReader())
+    overrides = {"init_attributes": ("red", "blue", "green"), "init_reader": "size", "branch": str(branch)}
+    cfg = PreferenceConfig(
+        mode="population",
+        population_encoder="attributes",
+        context_pairs=2,
+        guided_attributes=("large/small",),
+        **overrides,
+    )
+    population = train_population(cfg, population_pairs, base, attribute_reader=SizeReader())
     assert population.metadata.config["users"] == 4
-    # A new user picked red twice: of the population, the red lovers explain that.
-    user = embed_user(population, picks("carol", "red", ("green", "yellow")), attribute_reader=ColourReader())
-    assert user.metadata.config["attribute_groups"] == ["red"]
+    assert population.metadata.config[GUIDED_KEY] == {"attributes": ["large/small"], "attribute_scale": 0.85}
+    # A new user picked red twice: of the population, the red lovers explain that. The solid-colour images all
+    # cover the whole picture, so nothing says which size the user likes: none is guided.
+    user = embed_user(population, picks("carol", "red", ("green", "yellow")), attribute_reader=SizeReader())
+    assert user.metadata.config["attribute_groups"] == ["red"] and "liked" not in user.metadata.config
+    larger = [PreferencePair("dave", f"a square {i}", square("red", 40), square("blue", 12)) for i in range(2)]
+    dave = embed_user(population, larger, attribute_reader=SizeReader()).metadata.config
+    assert (dave["liked"], dave["disliked"]) == (["large"], ["small"])
     assert user.metadata.config["attribute_timesteps"] == [[0.0, 0.6]]
     assert torch.allclose(user.tensors[TOKENS_KEY], phrase_tokens(base.pipeline, "red", 4, torch.device("cpu")))
     write(tmp_path, "carol", user)
@@ -519,6 +573,32 @@ def test_attribute_guidance(service, tiny_sd1_pipe):
         generator=torch.Generator("cpu").manual_seed(1),
     )
     assert np.abs(generate(service, "liked") - pixels(output.images[0])).max() <= 1
+
+
+def test_a_user_guided_on_a_size_adds_vipers_term_to_its_tokens(service, tmp_path):
+    guided = user_adapter("erin", seed=1)
+    guided.metadata.config.update(liked=["large"], disliked=["small"], attribute_scale=0.85)
+    write(tmp_path, "erin", guided)
+    alice = generate(service, "alice")  # the same tokens, nothing guided
+    context = next(
+        p.context for p in service.pipeline.unet.attn_processors.values() if isinstance(p, ConditionedAttnProcessor)
+    )
+    seen: list[tuple[int, bool]] = []
+    hook = service.pipeline.unet.register_forward_pre_hook(
+        lambda _, args: seen.append((args[0].shape[0], context.state is not None))
+    )
+    erin = generate(service, "erin")
+    hook.remove()
+    assert np.abs(erin - alice).max() > 0, "the guided size changes the image the tokens alone draw"
+    # One extra U-Net evaluation per step, for the unconditional prediction, and no conditioning in it: the user's
+    # tokens act on the prompt's rows only.
+    assert seen == [(2, True), (1, False)] * STEPS
+    assert np.array_equal(generate(service, "erin:strength=0"), generate(service)), "strength 0: the base model"
+    assert np.array_equal(generate(service, "erin:attribute_scale=0"), alice), "no guidance: the tokens alone"
+    # A prompt that names the size leaves the guided size out.
+    named = GenerationRequest(prompt="a large red circle", seeds=[1], steps=STEPS, width=64, height=64)
+    image = lambda name: pixels(service.generate(replace(named, adapters=[AdapterRef(name)])).images[0])  # noqa: E731
+    assert np.array_equal(image("erin"), image("alice"))
 
 
 def test_attribute_token_groups_yield_to_the_prompts_words(tmp_path):

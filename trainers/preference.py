@@ -43,6 +43,7 @@ from torch import nn
 
 from pipelines.kinds.conditioning import ConditioningSeam, install_conditioning
 from pipelines.kinds.preference import (
+    DEFAULT_ATTRIBUTE_SCALE,
     ENCODER_PREFIX,
     KIND,
     LAYER_PREFIX,
@@ -143,6 +144,15 @@ class PreferenceConfig:
     7301-7308 0.740 against 0.734, users 8501-8508 0.703 against 0.708 (compliance +9.9, +11.2, +15.4 points
     against +12.8, +12.8, +12.0). So the shipped branch stays ``separate``: the wins are limited by what 16 picks
     tell and by ties where the base already draws what a user likes, more than by how an attribute is drawn."""
+    guided_attributes: tuple[str, ...] = ()
+    """User mode with ``init_reader``, and ``attributes`` populations: scales of taste the tokens do not draw,
+    each as ``word/opposite`` (``large/small``). The picks are read on each pole as well (`read_guided`), and the
+    pole they favour goes into the user adapter as a ViPer term (liked, its opposite disliked) that acts beside
+    the tokens at generation (`pipelines.kinds.preference.UserTasteState`). Unset: the start's or population's
+    (header `GUIDED_KEY`; `tiny`'s guides size, which its branch's tokens cannot draw)."""
+    guided_scale: float | None = None
+    """The ViPer scale of the guided attributes (``attribute_scale`` of the user adapter); 0 turns them off.
+    Unset: the start's, else `pipelines.kinds.preference.DEFAULT_ATTRIBUTE_SCALE`."""
     init_top: int = 2
     """At most this many attributes are chosen (greedily; one joins only if it lowers the loss further)."""
     init_draws: int = 4
@@ -180,6 +190,9 @@ class PreferenceConfig:
         expect_non_negative(self, "steps")
         expect_positive(self, "hidden", "log_every", "max_grad_norm", "init_top", "init_draws", "branch_lr")
         expect_non_negative(self, "projection_lr", "token_norm", "init_l2", "init_margin", "population_l2")
+        if self.guided_scale is not None:
+            expect_non_negative(self, "guided_scale")
+        guided_poles(self.guided_attributes)
         if self.mode == "population" and self.population_encoder == "attributes":
             missing = [key for key in ("init_attributes", "init_reader", "branch") if not getattr(self, key)]
             if missing:
@@ -771,6 +784,80 @@ def liked_attributes(candidates: Sequence[str], utilities: torch.Tensor, margin:
     return chosen[:top]
 
 
+GUIDED_KEY = "guided_attributes"
+"""A start's or population's header key: ``{"attributes": ["large/small", ...], "attribute_scale": s}``, the
+scales of taste its users are guided on rather than drawn with tokens (`PreferenceConfig.guided_attributes`)."""
+
+GUIDED_PRIOR_VARIANCE = 1.0
+"""Prior variance of each guided pole's utility in the picks' fit (the population prior, built without them, says
+nothing about them). On `bench/proxy_preference.py`'s readings (dev users 200-499, 16 picks) the size pole read this
+way had its sign right for 91% of the users whose taste weighs size."""
+
+
+def guided_poles(attributes: Sequence[str]) -> list[tuple[str, str]]:
+    """``word/opposite`` entries as ``(word, opposite)`` pairs; anything else is a one-line error.
+
+    >>> guided_poles(["large/small"])
+    [('large', 'small')]
+    """
+    poles = []
+    for entry in attributes:
+        word, slash, opposite = str(entry).partition("/")
+        if not slash or not word.strip() or not opposite.strip() or word.strip() == opposite.strip():
+            raise InvalidInputError(
+                f"config key 'guided_attributes' expects entries like 'large/small' (a word and its opposite), "
+                f"got {entry!r}"
+            )
+        poles.append((word.strip(), opposite.strip()))
+    return poles
+
+
+def read_guided(
+    pairs: Sequence[PreferencePair],
+    reader: AttributeReader,
+    candidates: Sequence[str],
+    prior: UtilityPrior | None,
+    l2: float,
+    poles: Sequence[tuple[str, str]],
+    margin: float,
+) -> tuple[list[str], list[str]]:
+    """Which pole of each guided scale the picks favour: ``(liked, disliked)`` words.
+
+    The picks are fitted over the candidates and both poles of every scale (`fit_attribute_utilities`): the
+    candidates under ``prior`` (or the ridge ``l2``), the poles under an independent `GUIDED_PRIOR_VARIANCE`. A
+    scale's lead is half its word's utility minus its opposite's; beyond ``margin`` the favoured pole is liked and
+    the other disliked, else the scale stays out. Fitting the poles with the candidates keeps a pick that a colour
+    explains from being read as a size."""
+    if not poles:
+        return [], []
+    words = [word for pole in poles for word in pole]
+    differences = _presence_differences(pairs, reader, [*candidates, *words])
+    count = len(candidates)
+    mean = torch.zeros(count + len(words))
+    precision = torch.eye(count + len(words)) / GUIDED_PRIOR_VARIANCE
+    if prior is not None:
+        mean[:count] = prior.mean
+        precision[:count, :count] = prior.precision
+    else:
+        precision[:count, :count] = torch.eye(count) * max(l2, 1e-6)
+    utilities = fit_attribute_utilities(differences, l2, UtilityPrior(mean, precision))
+    liked: list[str] = []
+    disliked: list[str] = []
+    for index, (word, opposite) in enumerate(poles):
+        lead = float(utilities[count + 2 * index] - utilities[count + 2 * index + 1]) / 2
+        if abs(lead) > margin:
+            liked.append(word if lead > 0 else opposite)
+            disliked.append(opposite if lead > 0 else word)
+    return liked, disliked
+
+
+def guided_config(liked: Sequence[str], disliked: Sequence[str], scale: float) -> dict[str, Any]:
+    """A user adapter's config keys for its guided attributes (none when nothing is guided)."""
+    if not liked or scale == 0.0:
+        return {}
+    return {"liked": list(liked), "disliked": list(disliked), "attribute_scale": float(scale)}
+
+
 def _per_image(
     pairs: Sequence[PreferencePair], read: Callable[[list[Image.Image]], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -867,12 +954,15 @@ def start_from(cfg: PreferenceConfig) -> PreferenceConfig:
     """``cfg`` with ``init_from`` spelled out: the population model's candidates, reader, branch and prior."""
     path = SHIPPED_STARTS.get(cfg.init_from, Path(cfg.init_from))
     config = attribute_population_file(path, "config key 'init_from'").metadata.config
+    guided = config.get(GUIDED_KEY) or {}
     return replace(
         cfg,
         init_attributes=tuple(str(c) for c in config["candidates"]),
         init_reader=str(config["attribute_reader"]),
         branch=str(path),
         init_prior=str(path),
+        guided_attributes=cfg.guided_attributes or tuple(str(a) for a in guided.get("attributes", ())),
+        guided_scale=cfg.guided_scale if cfg.guided_scale is not None else guided.get("attribute_scale"),
     )
 
 
@@ -952,6 +1042,19 @@ def reader_start(
     return AttributeStart(chosen, tokens, masks, nouns, share)
 
 
+def _user_guided(pairs: Sequence[PreferencePair], reader: AttributeReader, cfg: PreferenceConfig) -> dict[str, Any]:
+    """The user adapter's guided attributes (`read_guided` under the start's prior), as config keys."""
+    scale = DEFAULT_ATTRIBUTE_SCALE if cfg.guided_scale is None else cfg.guided_scale
+    poles = guided_poles(cfg.guided_attributes)
+    if not poles or scale == 0.0:
+        return {}
+    candidates = _candidates(cfg)
+    prior = population_prior(cfg.init_prior, candidates, reader) if cfg.init_prior else None
+    liked, disliked = read_guided(pairs, reader, candidates, prior, cfg.init_l2, poles, cfg.init_margin)
+    logger.info("preference guided attributes: %s", ", ".join(liked) or "none")
+    return guided_config(liked, disliked, scale)
+
+
 # -- per-user mode ------------------------------------------------------------------------------------------------
 
 
@@ -994,9 +1097,11 @@ def train_user_preference(
         width = model.branches.width
         prompts = [pair.prompt for pair in pairs]
         start = None
+        guided: dict[str, Any] = {}
         if cfg.init_attributes and cfg.init_reader:
             reader = attribute_reader or attribute_reader_from_spec(cfg.init_reader)
             start = reader_start(base.pipeline, pairs, cfg, reader, model.device)
+            guided = _user_guided(pairs, reader, cfg)
         elif cfg.init_attributes:
             start = choose_attributes(model, base.pipeline, data, prompts, cfg)
         masks = start.masks if start else torch.ones(len(pairs), cfg.tokens, device=model.device)
@@ -1065,6 +1170,7 @@ def train_user_preference(
         "beta": cfg.beta,
         "pairs": len(pairs),
         **groups,
+        **guided,
         "initial_attributes": start.attributes if start else [],
         "initial_fit": round(start.share, 4) if start else None,
         "final_loss": round(float(np.mean(losses[-cfg.log_every :])), 5) if losses else None,
@@ -1341,10 +1447,22 @@ def _attribute_population(
         "init_margin": cfg.init_margin,
         "init_top": cfg.init_top,
         **({WINDOWS_KEY: branch.metadata.config[WINDOWS_KEY]} if WINDOWS_KEY in branch.metadata.config else {}),
+        **_guided_table(cfg, branch.metadata.config),
         "training": config_to_dict(cfg),
     }
     logger.info("attribute population: %d users over %d candidates", len(users), len(candidates))
     return AdapterFile(tensors, _metadata(base, config))
+
+
+def _guided_table(cfg: PreferenceConfig, branch_config: dict[str, Any]) -> dict[str, Any]:
+    """A population's `GUIDED_KEY` header: the run's guided attributes, else its branch's (a shipped start is both)."""
+    inherited = branch_config.get(GUIDED_KEY) or {}
+    attributes = list(cfg.guided_attributes) or [str(a) for a in inherited.get("attributes", [])]
+    scale = cfg.guided_scale if cfg.guided_scale is not None else inherited.get("attribute_scale")
+    if not attributes:
+        return {}
+    scale = DEFAULT_ATTRIBUTE_SCALE if scale is None else float(scale)
+    return {GUIDED_KEY: {"attributes": attributes, "attribute_scale": scale}}
 
 
 def _embed_by_attributes(
@@ -1364,17 +1482,26 @@ def _embed_by_attributes(
     differences = _presence_differences(pairs, reader, candidates)
     log_likelihood = F.logsigmoid(differences @ utilities.T).sum(0)
     weights = torch.softmax(log_likelihood, dim=0)
-    chosen = liked_attributes(candidates, weights @ utilities, float(config["init_margin"]), int(config["init_top"]))
+    margin = float(config["init_margin"])
+    chosen = liked_attributes(candidates, weights @ utilities, margin, int(config["init_top"]))
     phrases = population.tensors[PHRASES_KEY]
     tokens_per_attribute = int(config["tokens"])
+    guided_table = config.get(GUIDED_KEY) or {}
+    poles = guided_poles(guided_table.get("attributes", ()))
+    liked, disliked = read_guided(
+        pairs, reader, candidates, UtilityPrior.from_population(utilities), 0.0, poles, margin
+    )
+    scale = float(guided_table.get("attribute_scale", DEFAULT_ATTRIBUTE_SCALE))
+    guided = guided_config(liked, disliked, scale)
     if not chosen:
-        return torch.zeros(tokens_per_attribute, phrases.shape[-1]), {"initial_attributes": []}
+        return torch.zeros(tokens_per_attribute, phrases.shape[-1]), {**guided, "initial_attributes": []}
     tokens = torch.cat([phrases[candidates.index(c)] for c in chosen])
     groups = {
         "attribute_groups": chosen,
         "attribute_nouns": attribute_nouns(candidates),
         "tokens_per_attribute": tokens_per_attribute,
         **group_windows(config, chosen),
+        **guided,
         "initial_attributes": chosen,
         "population_users_weighed": round(float(1.0 / (weights**2).sum()), 2),
     }

@@ -11,7 +11,9 @@ A preference adapter file holds one of three things (``studio.config["mode"]``):
   an attribute its prompt's own words decide (`attribute_token_mask`), as attribute guidance leaves such attributes
   out, so the prompt wins over the taste. The branch conditions the positive (prompt) rows only;
   the unconditional rows of classifier-free guidance stay the base model's, as IP-Adapter's zero image embedding
-  does, so guidance pushes towards the user's taste.
+  does, so guidance pushes towards the user's taste. A user file may also name ``liked``/``disliked`` attributes
+  (with ``attribute_scale``): what its taste says that tokens do not draw (a size, on `tiny`) is applied as the
+  ``attributes`` mode's guidance term beside the tokens (`UserTasteState`).
 - ``population``: a PPD model (shared projections + an encoder from a user's pairs to their tokens). Not used for
   generation directly: `trainers.preference.embed_user` turns 4 pairs of a new user into a ``user`` adapter.
 - ``attributes``: ViPer-style attribute guidance, no weights: liked and disliked attribute lists. Guidance becomes
@@ -19,8 +21,9 @@ A preference adapter file holds one of three things (``studio.config["mode"]``):
   (0.85). See `AttributeGuidanceState` for how that is done over the stock pipeline.
 
 Request options (``AdapterRef``): the branch scale is ``weight * strength`` (``strength`` defaults to 1; 0 gives the
-base model's images bit for bit); ``attribute_scale`` overrides ``s``. Two users in one request add their branches
-(each with its own scale); for PPD's embedding interpolation make a mixed adapter with `interpolate_preferences`.
+base model's images bit for bit, guided attributes included); ``attribute_scale`` overrides ``s``. Two users in one
+request add their branches (each with its own scale); for PPD's embedding interpolation make a mixed adapter with
+`interpolate_preferences`.
 
 Importing this module registers the kind with the seam (`register_kind`).
 
@@ -300,7 +303,7 @@ def attributes_for_prompt(attributes: Sequence[str], prompt: str, nouns: Sequenc
     the prompt, so it is left out for that prompt (the prompt's words win over the taste). A bare colour ("blue")
     is about the subject's colour: it is left out when the prompt gives a colour to something other than the
     ``nouns`` that the user's other attributes are about (``background`` in "black background"), i.e. to the
-    subject.
+    subject. Likewise a bare size ("small") is left out when the prompt names any size ("a large circle").
 
     >>> taste = ["black background", "large", "blue"]
     >>> attributes_for_prompt(taste, "a red circle on a white background", ["background"])
@@ -309,6 +312,8 @@ def attributes_for_prompt(attributes: Sequence[str], prompt: str, nouns: Sequenc
     ['large', 'blue']
     >>> attributes_for_prompt(taste, "a red circle", ["background"])
     ['black background', 'large']
+    >>> attributes_for_prompt(["small"], "a large circle")
+    []
     """
     named = _words(prompt)
     order = re.findall(r"[a-z0-9]+", prompt.lower())
@@ -318,6 +323,8 @@ def attributes_for_prompt(attributes: Sequence[str], prompt: str, nouns: Sequenc
     for attribute in attributes:
         words = _words(attribute)
         if words & named or (subject_coloured and words and words <= _COLOUR_WORDS):
+            continue
+        if words and words <= _SIZE_WORDS and named & _SIZE_WORDS:
             continue
         kept.append(attribute)
     return kept
@@ -433,6 +440,23 @@ class AttributeGuidanceState(ConditioningState):
         return KeyValueStates(changed, changed)
 
 
+class UserTasteState(AttributeGuidanceState):
+    """A user's tokens together with ViPer guidance for the attributes the user adapter guides rather than draws
+    with tokens (``liked``/``disliked`` in a ``user`` file's config, `trainers.preference.GUIDED_KEY`): on `tiny`
+    an attribute branch's tokens cannot draw a size, while guidance with its word can. The extra pass computes
+    the unconditional prediction with no conditioning at all (`_ensure_guidance_hook`), so the tokens, which act
+    on the positive rows only, never leak into it."""
+
+    def __init__(
+        self, user: UserTokensState, liked: torch.Tensor | None, disliked: torch.Tensor | None, scale: float
+    ) -> None:
+        super().__init__(liked, disliked, scale)
+        self.user = user
+
+    def extra_tokens(self, call: LayerCall) -> ExtraTokens | None:
+        return None if self.in_extra_pass else self.user.extra_tokens(call)
+
+
 def combine_attribute_guidance(
     eps_u: torch.Tensor, eps_positive: torch.Tensor, eps_negative: torch.Tensor
 ) -> torch.Tensor:
@@ -478,11 +502,15 @@ def _ensure_guidance_hook(unet: nn.Module, context: ConditioningContext) -> None
         half = batch // 2
         for state in active:
             state.in_extra_pass = True
+        # eps_u is the negative rows' plain prediction: no state may act in this pass (a user's tokens, composed
+        # in the same request, would otherwise read the negative rows as a batch of their own and condition them).
+        context.state = None
         try:
             eps_u = module(
                 *[_rows(a, batch, half) for a in args], **{k: _rows(v, batch, half) for k, v in kwargs.items()}
             )
         finally:
+            context.state = combined
             for state in active:
                 state.in_extra_pass = False
         eps_u = eps_u[0] if isinstance(eps_u, tuple) else eps_u.sample
@@ -563,9 +591,11 @@ class PreferenceKind:
             )
         if self.mode == "attributes":
             return self._attribute_state(request, float(options.get("attribute_scale", self.attribute_scale)))
-        unknown = set(options) - {"strength"}
+        unknown = set(options) - {"strength", "attribute_scale"}
         if unknown:
-            raise InvalidInputError(f"preference '{self.name}' takes the option strength, found {sorted(unknown)}")
+            raise InvalidInputError(
+                f"preference '{self.name}' takes the options strength and attribute_scale, found {sorted(unknown)}"
+            )
         assert self.branches is not None and self.tokens is not None  # set for mode "user" in __init__
         self.branches.to(device=request.device, dtype=request.dtype)
         scale = float(request.ref.weight) * float(options.get("strength", 1.0))
@@ -575,7 +605,7 @@ class PreferenceKind:
             tokens = tokens * mask.to(tokens.dtype)[:, None]
         tokens = tokens.to(device=request.device, dtype=request.dtype)
         # Each attribute group attends on its own, as the branch learned it (one attribute per lesson).
-        return UserTokensState(
+        user = UserTokensState(
             tokens,
             self.branches,
             scale,
@@ -584,6 +614,13 @@ class PreferenceKind:
             windows=self.windows,
             train_timesteps=self.train_timesteps,
         )
+        # Guided attributes scale with the tokens (strength 0 is the base model) and need guidance to act in;
+        # without it the tokens act alone.
+        guided = scale * float(options.get("attribute_scale", self.attribute_scale))
+        if not (self.liked or self.disliked) or guided == 0.0 or not request.classifier_free_guidance:
+            return user
+        liked, disliked = self._guidance_states(request)
+        return UserTasteState(user, liked, disliked, guided)
 
     def _attribute_state(self, request: ConditioningRequest, scale: float) -> AttributeGuidanceState:
         unknown = set(request.ref.options) - {"attribute_scale"}
@@ -599,6 +636,11 @@ class PreferenceKind:
                 f"attribute preference '{self.name}' needs classifier-free guidance (guidance > 1), got "
                 f"{request.guidance:g}"
             )
+        return AttributeGuidanceState(*self._guidance_states(request), scale)
+
+    def _guidance_states(self, request: ConditioningRequest) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The text states of the liked and disliked attributes this request's prompt leaves open (``None`` for
+        an empty list), with the guidance hook in place."""
         pipeline = request.pipeline
         nouns = attribute_nouns([*self.liked, *self.disliked])
         liked_here = attributes_for_prompt(self.liked, request.prompt, nouns)
@@ -608,7 +650,7 @@ class PreferenceKind:
             _encode_text(pipeline, _shuffled(disliked_here, request.prompt), request.device) if disliked_here else None
         )
         _ensure_guidance_hook(pipeline.unet, _seam_context(pipeline.unet, request.layer_names))
-        return AttributeGuidanceState(liked, disliked, scale)
+        return liked, disliked
 
 
 def _layer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
