@@ -156,6 +156,26 @@ Session 15 compared the eval with the proxy user by user, then changed when each
   user, se 0.025; better for 9, worse for 6: 8802 +0.21, 8706 +0.14, 8703 +0.13, but 8708 -0.18, 8804 -0.11),
   compliance +2.7 points against +16.1. Not kept: no clear gain, and the prompt's own words suffer.
 
+Session 16 guides size instead of drawing it with tokens. ViPer's attribute guidance with "large" liked and
+"small" disliked (``attributes`` mode, scale 0.85) drew the object larger than the base on the same seed in 0.85
+of the evaluation images (mean covered share +0.058) with compliance 0.83 against the base's 0.77; "small" against
+"large" moved it little (smaller in 0.54, -0.016). So the start reads the size pole from the same picks
+(`trainers.preference.read_guided`: "large" and "small" fitted beside the candidates, each with its own prior
+variance 1) and the user adapter carries it as a guided attribute (``liked``/``disliked``, applied beside the
+tokens, `pipelines.kinds.preference.UserTasteState`); the shipped start's header names ``large/small``
+(`GUIDED_KEY`), so ``init_from=tiny`` includes it. On the proxy's readings (dev users 200-499; the object 0.05
+of the image larger or smaller by the pole read, less the 0.03 the tokens shrink it) that scored 0.79-0.80 against
+0.743 for 16 picks and 0.71-0.72 against 0.681 for 4.
+The command above, on the same picks as before (runs of the same user sets): 16 picks 0.754 (8701-8716), 0.780
+(8801-8816), 0.762 (7301-7308), 0.837 (8401-8408), 0.717 (8501-8508), 0.831 (8601-8608), 0.764 (8901-8908), 0.729
+(8909-8916), 0.708 (9101-9108): 0.765 [0.752, 0.778] pooled over the 88 held-out users, against 0.747, +0.018 per
+user (se 0.005; better for 42, worse for 22, the same for 24); compliance +13.6 points. The first 32 users
+(8701-8716, 8801-8816) decided to keep it; on the other 56 alone: 0.764 [0.748, 0.780], +0.018 (se 0.007). By the
+users' hidden size weight on the first 32: +0.044 for the 9 who like large objects, +0.021 for the 9 who like
+small ones, -0.003 for the 14 indifferent. Population mode (``--population`` the start with the guided size) on
+7301-7308, 8501-8508, 8701-8708, 8801-8808, 8809-8816: 0.746, 0.604, 0.682, 0.725, 0.668, pooled 0.685 [0.664,
+0.706] against 0.684 on the same picks (+0.001 per user, se 0.007): 4 picks read the size too weakly to help.
+
 Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
 and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
 the weighed pick minus the weighed entropy of each user's). Far fewer pairs tied (0 to 2 skips in 16 picks, against

@@ -412,6 +412,8 @@ def test_the_embedded_model_ships_a_start_for_per_user_preferences():
     windows = load_branch(start.branch).metadata.config[WINDOWS_KEY]
     assert set(windows) == set(start.init_attributes)
     assert all(0.0 <= low < high <= 1.0 for low, high in windows.values())
+    # Size is guided, not drawn with tokens: tiny's branch cannot draw a size.
+    assert start.guided_attributes == ("large/small",) and start.guided_scale == 0.85
     with pytest.raises(InvalidInputError, match="found no file"):
         start_from(PreferenceConfig(init_from="nowhere.safetensors"))
 
@@ -441,16 +443,26 @@ def test_a_user_trained_on_the_shipped_start_acts_in_its_measured_windows():
     from studio.base_models import load_base_model
     from studio.world.scene import ObjectSpec, Scene, render
 
-    def picture(colour: str, shape: str) -> Image.Image:
-        return render(Scene("white", (ObjectSpec(shape, colour),)))
+    def picture(colour: str, shape: str, size: str = "medium") -> Image.Image:
+        return render(Scene("white", (ObjectSpec(shape, colour, size),)))
 
+    tiny = load_base_model("tiny")
     shapes = ("circle", "square", "star", "cross", "ring", "circle")
     pairs = [PreferencePair("erin", f"a {s}", picture("red", s), picture("blue", s)) for s in shapes]
-    adapter = train_user_preference(PreferenceConfig(), pairs, load_base_model("tiny"))
+    adapter = train_user_preference(PreferenceConfig(), pairs, tiny)
     config = adapter.metadata.config
     table = load_branch(SHIPPED_STARTS["tiny"]).metadata.config[WINDOWS_KEY]
     assert "red" in config["attribute_groups"]
     assert config["attribute_timesteps"] == [table[a] for a in config["attribute_groups"]]
+    assert "liked" not in config, "the objects were all of one size: nothing says which size Erin likes"
+    # Finn picks the larger object of the same colour and shape: he is guided towards large.
+    colours = ("red", "blue", "green", "yellow", "purple", "orange")
+    larger = [
+        PreferencePair("finn", f"a {s}", picture(c, s, "large"), picture(c, s, "small"))
+        for s, c in zip(shapes, colours, strict=True)
+    ]
+    config = train_user_preference(PreferenceConfig(), larger, tiny).metadata.config
+    assert (config["liked"], config["disliked"]) == (["large"], ["small"])
 
 
 def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path):

@@ -149,7 +149,11 @@ class PreferenceConfig:
     each as ``word/opposite`` (``large/small``). The picks are read on each pole as well (`read_guided`), and the
     pole they favour goes into the user adapter as a ViPer term (liked, its opposite disliked) that acts beside
     the tokens at generation (`pipelines.kinds.preference.UserTasteState`). Unset: the start's or population's
-    (header `GUIDED_KEY`; `tiny`'s guides size, which its branch's tokens cannot draw)."""
+    (header `GUIDED_KEY`; `tiny`'s guides size, which its branch's tokens cannot draw: they shrink the object
+    whatever the attribute, while "large" guided at 0.85 drew it larger than the base in 0.85 of the evaluation
+    images). Measured on `tiny` with the shipped start (16 picks, 88 simulated users never used in development,
+    the same picks): 0.765 [0.752, 0.778] against 0.747 without, +0.018 per user (standard error 0.005; better for
+    42 users, worse for 22), `bench/eval_preference.py`."""
     guided_scale: float | None = None
     """The ViPer scale of the guided attributes (``attribute_scale`` of the user adapter); 0 turns them off.
     Unset: the start's, else `pipelines.kinds.preference.DEFAULT_ATTRIBUTE_SCALE`."""
