@@ -454,7 +454,8 @@ class UserTasteState(AttributeGuidanceState):
         self.user = user
 
     def extra_tokens(self, call: LayerCall) -> ExtraTokens | None:
-        return None if self.in_extra_pass else self.user.extra_tokens(call)
+        # The extra pass runs with no state active (`_ensure_guidance_hook`), so this is never asked there.
+        return self.user.extra_tokens(call)
 
 
 def combine_attribute_guidance(
