@@ -181,6 +181,20 @@ Three changes were tried on robot-toy seeds 9, 10, 13 and 14 (TI 0.520, 0.650, 0
 - A learning rate 2.5 times the preset's (``lr=2.5e-3``): 0.469, 0.525, 0.438, 0.546, mean 0.494.
 - A stronger bypass (``bypass_alpha=0.5``): 0.470, 0.571, 0.392, 0.460, mean 0.473. The bypass's bias survives
   truncation, so the low end keeps more of the concept (seed 10: 0.566 at truncation 2).
+
+Session 17 tried three more changes on all 21 seeds, or on part of them. TI's per-seed similarity repeats within
+0.001, so each run was compared with the TI values recorded above. None of the three reaches TI:
+
+- ``context_weight=0``, all 21 seeds (13 new, 8 from session 13): full truncation 0.489 against TI 0.512, a gap of
+  -0.023 (se 0.023); the preset's gap is -0.042. Backgrounds at full truncation fall to 0.60. On the 13 new seeds the
+  dial is not monotone: similarity 0.484, 0.493, 0.440 and background 0.60, 0.54, 0.75 at truncations 32, 8, 2.
+- ``freeze_super_category=false`` (the output bias learns, as TI's vectors do), seeds 0, 1, 4 and 10: 0.539, 0.441,
+  0.424 and 0.545, mean 0.487, against the preset's 0.483 on the same seeds.
+- ``lr=2.5e-3``, seeds 0 and 1: 0.429 and 0.440, against the preset's 0.587 and 0.466.
+
+Smoother Fourier features (``sigma_t=0.01 sigma_l=0.5``, 16 seeds) were also tried. They share more of the mapper
+across timesteps and layers, but gave 0.455 against TI 0.513 (-0.059, se 0.027). They are not an option anyway: the
+issue asks for the reference scales.
 """
 
 
