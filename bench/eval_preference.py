@@ -176,6 +176,35 @@ small ones, -0.003 for the 14 indifferent. Population mode (``--population`` the
 7301-7308, 8501-8508, 8701-8708, 8801-8808, 8809-8816: 0.746, 0.604, 0.682, 0.725, 0.668, pooled 0.685 [0.664,
 0.706] against 0.684 on the same picks (+0.001 per user, se 0.007): 4 picks read the size too weakly to help.
 
+Session 17 writes the guided pole into the prompt as a word instead ("a large red circle", ``prompt_words``,
+`pipelines.kinds.preference.insert_words`). That is how the ``posterior`` ceiling draws a size, and it needs no
+extra U-Net pass. Why, from paired runs with the same picks:
+
+- Against the unguided start, the ViPer term paid off by how the size was read: +0.045 per user when the pole
+  matched the user's hidden size weight, -0.037 when it went against it, and -0.007 for users with no size weight
+  (16 picks, 88 users). With 4 picks the same figures were +0.031, -0.050 and -0.003 (40 users). Four picks read
+  the pole right for 267 of 800 dev users and wrong for 83 (proxy readings, users 200-999). Under those payoffs no
+  size margin gains population mode more than 0.005.
+- A stronger ViPer term did not help. At 1.5, on 19 users of 8701-8716 and 8801-8816 (16 picks): -0.000 per user
+  (se 0.011). At 2.0, on 8801-8816 (4 picks): -0.012 (se 0.012).
+- The proxy with the world's true prior and pick likelihood, choosing by expected win, reaches only 0.682 on dev
+  users 200-299 with 4 picks (0.688 with exact candidate utilities). The population's own choice reaches 0.683.
+  The 4-pick choice of colour and background is therefore at its ceiling. The ceiling's remaining lead (0.724)
+  comes from drawing the size with the prompt's word.
+
+Results, by set, against the ViPer term on the same picks:
+
+- Population mode (4 picks): 0.747 (8801-8808) and 0.734 (8809-8816), +0.044 per user (se 0.021); these 16 users
+  decided the change. Then 0.749 (7301-7308), 0.698 (8501-8508) and 0.589 (8701-8708), +0.001 (se 0.016).
+- Pooled over the 40 users: 0.703 [0.683, 0.723], +0.018 per user (se 0.013; better for 13, worse for 12).
+  Against the unguided start: +0.019 (se 0.014).
+- Compliance gains less: +3 to +15 points by set, against +9 to +16 with the ViPer term.
+- User mode (16 picks): 0.762 (8701-8708) and 0.785 (8801-8816), against 0.733 and 0.780 on the same picks. That
+  is +0.013 per user over those 24 (se 0.014; better for 11, worse for 10), and +0.038 (se 0.014) against the
+  unguided start.
+- User mode, 8709-8716 run as a set of their own (so new picks, unpaired): 0.837.
+- Pooled over the 32 users: 0.792 [0.771, 0.812], compliance +5.7 points.
+
 Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
 and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
 the weighed pick minus the weighed entropy of each user's). Far fewer pairs tied (0 to 2 skips in 16 picks, against

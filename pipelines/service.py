@@ -190,13 +190,22 @@ class PipelineService:
         rewritten, warnings = rewrite_prompts([*parts, base_part, request.negative_prompt], uses)
         parts, base_part, negative_prompt = rewritten[:-2], rewritten[-2], rewritten[-1]
         prompt = base_part or parts[0]
-        named = [("prompt", part) for part in [base_part, *parts] if part] + [("negative prompt", negative_prompt)]
-        warnings += self._truncation_warnings(named)
-        states = [
-            (entry.name, self._prepare_kind(entry, ref, request, prompt, negative_prompt))
+        conditioning = [
+            (ref, entry)
             for ref, entry in zip(request.adapters, entries, strict=True)
             if entry.kind not in (LORA, TEXTUAL_INVERSION)
         ]
+        # Kinds prepare on the prompt as written (what its own words decide); the pipeline encodes it with the words
+        # the adapters add.
+        states = [
+            (entry.name, self._prepare_kind(entry, ref, request, prompt, negative_prompt))
+            for ref, entry in conditioning
+        ]
+        parts = [self._prompt_words(part, conditioning) for part in parts]
+        base_part = self._prompt_words(base_part, conditioning)
+        prompt = base_part or parts[0]
+        named = [("prompt", part) for part in [base_part, *parts] if part] + [("negative prompt", negative_prompt)]
+        warnings += self._truncation_warnings(named)
         width = request.width or self.default_size
         height = request.height or self.default_size
         views: AbstractContextManager[Any] = nullcontext()
@@ -305,9 +314,7 @@ class PipelineService:
             )
         return entry
 
-    def _prepare_kind(
-        self, entry: CachedAdapter, ref: Any, request: GenerationRequest, prompt: str, negative_prompt: str
-    ) -> ConditioningState:
+    def _kind(self, entry: CachedAdapter) -> ConditioningKind:
         kind = self._kinds.get(entry.name)
         if kind is None:
             factory = kind_factory(entry.kind)
@@ -315,6 +322,21 @@ class PipelineService:
                 raise NotAvailableError(f"adapter '{entry.name}' is a {entry.kind} adapter, which is not available")
             kind = factory(entry.adapter, self.base_model)
             self._kinds[entry.name] = kind
+        return kind
+
+    def _prompt_words(self, text: str, adapters: Sequence[tuple[Any, CachedAdapter]]) -> str:
+        """``text`` with the words that conditioning adapters write into a prompt (`ConditioningKind`'s optional
+        ``rewrite_prompt``: a preference's guided size, on `tiny`), in request order."""
+        for ref, entry in adapters:
+            rewrite = getattr(self._kind(entry), "rewrite_prompt", None)
+            if rewrite is not None and text:
+                text = rewrite(text, ref)
+        return text
+
+    def _prepare_kind(
+        self, entry: CachedAdapter, ref: Any, request: GenerationRequest, prompt: str, negative_prompt: str
+    ) -> ConditioningState:
+        kind = self._kind(entry)
         unet = self.pipeline.unet
         return kind.prepare(
             ConditioningRequest(

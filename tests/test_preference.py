@@ -243,13 +243,13 @@ def test_a_user_who_picks_the_larger_object_is_guided_towards_large():
     keys = {"init_attributes": ("red", "blue", "green"), "init_reader": "size", "steps": 1, "batch_size": 2}
     cfg = PreferenceConfig(lr=1e-12, guided_attributes=("large/small",), **keys)
     config = train_user_preference(cfg, pairs, base, attribute_reader=SizeReader()).metadata.config
-    assert (config["liked"], config["disliked"], config["attribute_scale"]) == (["large"], ["small"], 0.85)
+    assert config["prompt_words"] == ["large"] and "liked" not in config
     # Reversed picks read the other pole; a scale of 0 guides nothing.
     flipped = [replace(p, preferred=p.other, other=p.preferred) for p in pairs]
     config = train_user_preference(cfg, flipped, base, attribute_reader=SizeReader()).metadata.config
-    assert (config["liked"], config["disliked"]) == (["small"], ["large"])
+    assert config["prompt_words"] == ["small"]
     off = replace(cfg, guided_scale=0.0)
-    assert "liked" not in train_user_preference(off, pairs, base, attribute_reader=SizeReader()).metadata.config
+    assert "prompt_words" not in train_user_preference(off, pairs, base, attribute_reader=SizeReader()).metadata.config
     with pytest.raises(InvalidInputError, match="'large/small'"):
         load_config(PreferenceConfig, overrides=["guided_attributes=large"])
 
@@ -369,10 +369,10 @@ def test_an_attribute_population_embeds_a_new_user_from_a_few_picks(tmp_path):
     # A new user picked red twice: of the population, the red lovers explain that. The solid-colour images all
     # cover the whole picture, so nothing says which size the user likes: none is guided.
     user = embed_user(population, picks("carol", "red", ("green", "yellow")), attribute_reader=SizeReader())
-    assert user.metadata.config["attribute_groups"] == ["red"] and "liked" not in user.metadata.config
+    assert user.metadata.config["attribute_groups"] == ["red"] and "prompt_words" not in user.metadata.config
     larger = [PreferencePair("dave", f"a square {i}", square("red", 40), square("blue", 12)) for i in range(2)]
     dave = embed_user(population, larger, attribute_reader=SizeReader()).metadata.config
-    assert (dave["liked"], dave["disliked"]) == (["large"], ["small"])
+    assert dave["prompt_words"] == ["large"]
     assert user.metadata.config["attribute_timesteps"] == [[0.0, 0.6]]
     assert torch.allclose(user.tensors[TOKENS_KEY], phrase_tokens(base.pipeline, "red", 4, torch.device("cpu")))
     write(tmp_path, "carol", user)
@@ -454,7 +454,7 @@ def test_a_user_trained_on_the_shipped_start_acts_in_its_measured_windows():
     table = load_branch(SHIPPED_STARTS["tiny"]).metadata.config[WINDOWS_KEY]
     assert "red" in config["attribute_groups"]
     assert config["attribute_timesteps"] == [table[a] for a in config["attribute_groups"]]
-    assert "liked" not in config, "the objects were all of one size: nothing says which size Erin likes"
+    assert "prompt_words" not in config, "the objects were all of one size: nothing says which size Erin likes"
     # Finn picks the larger object of the same colour and shape: he is guided towards large.
     colours = ("red", "blue", "green", "yellow", "purple", "orange")
     larger = [
@@ -462,7 +462,7 @@ def test_a_user_trained_on_the_shipped_start_acts_in_its_measured_windows():
         for s, c in zip(shapes, colours, strict=True)
     ]
     config = train_user_preference(PreferenceConfig(), larger, tiny).metadata.config
-    assert (config["liked"], config["disliked"]) == (["large"], ["small"])
+    assert config["prompt_words"] == ["large"]
 
 
 def test_the_reader_start_takes_its_prior_from_an_attribute_population(tmp_path):
@@ -587,7 +587,28 @@ def test_attribute_guidance(service, tiny_sd1_pipe):
     assert np.abs(generate(service, "liked") - pixels(output.images[0])).max() <= 1
 
 
-def test_a_user_guided_on_a_size_adds_vipers_term_to_its_tokens(service, tmp_path):
+def test_a_user_guided_on_a_size_gets_its_word_in_the_prompt(service, tmp_path):
+    guided = user_adapter("gil", seed=1)
+    guided.metadata.config.update(prompt_words=["large"])
+    write(tmp_path, "gil", guided)
+    plain = user_adapter("gil", seed=1)
+    write(tmp_path, "plain", plain)  # the same tokens, nothing guided
+
+    def image(prompt: str, *names: str) -> np.ndarray:
+        refs = [AdapterRef.parse(n) for n in names]
+        request = GenerationRequest(prompt=prompt, seeds=[1], steps=STEPS, width=64, height=64, adapters=refs)
+        return pixels(service.generate(request).images[0])
+
+    # Exactly the tokens on the prompt with the size written in, and the tokens still read the prompt as written.
+    assert np.array_equal(image("a red circle", "gil"), image("a large red circle", "plain"))
+    assert not np.array_equal(image("a red circle", "gil"), image("a red circle", "plain"))
+    # A prompt that names a size keeps its own; strength 0 is the base model; attribute_scale=0 the tokens alone.
+    assert np.array_equal(image("a small red circle", "gil"), image("a small red circle", "plain"))
+    assert np.array_equal(image("a red circle", "gil:strength=0"), image("a red circle"))
+    assert np.array_equal(image("a red circle", "gil:attribute_scale=0"), image("a red circle", "plain"))
+
+
+def test_a_user_file_with_liked_attributes_adds_vipers_term_to_its_tokens(service, tmp_path):
     guided = user_adapter("erin", seed=1)
     guided.metadata.config.update(liked=["large"], disliked=["small"], attribute_scale=0.85)
     write(tmp_path, "erin", guided)

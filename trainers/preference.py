@@ -147,16 +147,15 @@ class PreferenceConfig:
     guided_attributes: tuple[str, ...] = ()
     """User mode with ``init_reader``, and ``attributes`` populations: scales of taste the tokens do not draw,
     each as ``word/opposite`` (``large/small``). The picks are read on each pole as well (`read_guided`), and the
-    pole they favour goes into the user adapter as a ViPer term (liked, its opposite disliked) that acts beside
-    the tokens at generation (`pipelines.kinds.preference.UserTasteState`). Unset: the start's or population's
-    (header `GUIDED_KEY`; `tiny`'s guides size, which its branch's tokens cannot draw: they shrink the object
-    whatever the attribute, while "large" guided at 0.85 drew it larger than the base in 0.85 of the evaluation
-    images). Measured on `tiny` with the shipped start (16 picks, 88 simulated users never used in development,
-    the same picks): 0.765 [0.752, 0.778] against 0.747 without, +0.018 per user (standard error 0.005; better for
-    42 users, worse for 22), `bench/eval_preference.py`."""
+    word of the pole they favour goes into the user adapter as a prompt word (``prompt_words``): generation
+    writes it into the prompt where the prompt leaves its slot open ("a large red circle";
+    `pipelines.kinds.preference.insert_words`). Unset: the start's or population's (header `GUIDED_KEY`; `tiny`'s
+    guides size, which its branch's tokens cannot draw: they shrink the object whatever the attribute). Session 16
+    applied the pole as a ViPer term at 0.85 instead (16 picks: 0.765 against 0.747 without; 4 picks: no gain); the
+    prompt word is the stronger instrument, as `bench/eval_preference.py` records."""
     guided_scale: float | None = None
-    """The ViPer scale of the guided attributes (``attribute_scale`` of the user adapter); 0 turns them off.
-    Unset: the start's, else `pipelines.kinds.preference.DEFAULT_ATTRIBUTE_SCALE`."""
+    """0 leaves the guided attributes out; any other value writes them in (a prompt word has no scale of its own).
+    Unset: the start's, else on."""
     init_top: int = 2
     """At most this many attributes are chosen (greedily; one joins only if it lowers the loss further)."""
     init_draws: int = 4
@@ -855,11 +854,12 @@ def read_guided(
     return liked, disliked
 
 
-def guided_config(liked: Sequence[str], disliked: Sequence[str], scale: float) -> dict[str, Any]:
-    """A user adapter's config keys for its guided attributes (none when nothing is guided)."""
+def guided_config(liked: Sequence[str], scale: float) -> dict[str, Any]:
+    """A user adapter's config keys for its guided attributes: the favoured poles as ``prompt_words`` (none when
+    nothing is guided or ``scale`` is 0)."""
     if not liked or scale == 0.0:
         return {}
-    return {"liked": list(liked), "disliked": list(disliked), "attribute_scale": float(scale)}
+    return {"prompt_words": list(liked)}
 
 
 def _per_image(
@@ -1054,9 +1054,9 @@ def _user_guided(pairs: Sequence[PreferencePair], reader: AttributeReader, cfg: 
         return {}
     candidates = _candidates(cfg)
     prior = population_prior(cfg.init_prior, candidates, reader) if cfg.init_prior else None
-    liked, disliked = read_guided(pairs, reader, candidates, prior, cfg.init_l2, poles, cfg.init_margin)
+    liked, _ = read_guided(pairs, reader, candidates, prior, cfg.init_l2, poles, cfg.init_margin)
     logger.info("preference guided attributes: %s", ", ".join(liked) or "none")
-    return guided_config(liked, disliked, scale)
+    return guided_config(liked, scale)
 
 
 # -- per-user mode ------------------------------------------------------------------------------------------------
@@ -1492,11 +1492,9 @@ def _embed_by_attributes(
     tokens_per_attribute = int(config["tokens"])
     guided_table = config.get(GUIDED_KEY) or {}
     poles = guided_poles(guided_table.get("attributes", ()))
-    liked, disliked = read_guided(
-        pairs, reader, candidates, UtilityPrior.from_population(utilities), 0.0, poles, margin
-    )
+    liked, _ = read_guided(pairs, reader, candidates, UtilityPrior.from_population(utilities), 0.0, poles, margin)
     scale = float(guided_table.get("attribute_scale", DEFAULT_ATTRIBUTE_SCALE))
-    guided = guided_config(liked, disliked, scale)
+    guided = guided_config(liked, scale)
     if not chosen:
         return torch.zeros(tokens_per_attribute, phrases.shape[-1]), {**guided, "initial_attributes": []}
     tokens = torch.cat([phrases[candidates.index(c)] for c in chosen])

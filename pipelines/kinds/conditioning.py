@@ -154,7 +154,10 @@ class ConditioningRequest:
 
 
 class ConditioningKind(Protocol):
-    """An adapter of a conditioning kind, built once per cached adapter by its registered factory."""
+    """An adapter of a conditioning kind, built once per cached adapter by its registered factory.
+
+    A kind may also define ``rewrite_prompt(prompt: str, ref: AdapterRef) -> str``: words it writes into the prompt
+    the pipeline encodes (each region's part too). ``prepare`` still sees the prompt as the user wrote it."""
 
     def prepare(self, request: ConditioningRequest) -> ConditioningState:
         """Build this request's state (for example: run the mapper for every timestep and layer at once)."""

@@ -11,9 +11,11 @@ A preference adapter file holds one of three things (``studio.config["mode"]``):
   an attribute its prompt's own words decide (`attribute_token_mask`), as attribute guidance leaves such attributes
   out, so the prompt wins over the taste. The branch conditions the positive (prompt) rows only;
   the unconditional rows of classifier-free guidance stay the base model's, as IP-Adapter's zero image embedding
-  does, so guidance pushes towards the user's taste. A user file may also name ``liked``/``disliked`` attributes
-  (with ``attribute_scale``): what its taste says that tokens do not draw (a size, on `tiny`) is applied as the
-  ``attributes`` mode's guidance term beside the tokens (`UserTasteState`).
+  does, so guidance pushes towards the user's taste. What a taste says that tokens do not draw (a size, on `tiny`)
+  a user file names as ``prompt_words``: each request writes them into the prompt the pipeline encodes where the
+  prompt leaves their slot open (`insert_words`, `PreferenceKind.rewrite_prompt`). Files written before that name
+  ``liked``/``disliked`` attributes (with ``attribute_scale``), applied as the ``attributes`` mode's guidance term
+  beside the tokens (`UserTasteState`).
 - ``population``: a PPD model (shared projections + an encoder from a user's pairs to their tokens). Not used for
   generation directly: `trainers.preference.embed_user` turns 4 pairs of a new user into a ``user`` adapter.
 - ``attributes``: ViPer-style attribute guidance, no weights: liked and disliked attribute lists. Guidance becomes
@@ -333,6 +335,43 @@ def attributes_for_prompt(attributes: Sequence[str], prompt: str, nouns: Sequenc
 _SIZE_WORDS = frozenset({"large", "small", "big", "tiny", "huge"})
 
 
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def insert_words(prompt: str, words: Sequence[str]) -> str:
+    """``prompt`` with ``words`` as adjectives of its subject: after the article that opens the subject's phrase
+    (the first article, unless its phrase is a frame such as "a photo of ..."), the article made to agree; with no
+    article, in front.
+
+    >>> insert_words("a red circle on a blue background", ["large"])
+    'a large red circle on a blue background'
+    >>> insert_words("an orange square", ["large"]), insert_words("A photo of an owl", ["small"])
+    ('a large orange square', 'A photo of a small owl')
+    >>> insert_words("red circle", ["large"]), insert_words("a circle", [])
+    ('large red circle', 'a circle')
+    """
+    if not words:
+        return prompt
+    phrase = " ".join(words)
+    tokens = prompt.split(" ")
+    lowered = [token.lower() for token in tokens]
+    at = next(
+        (
+            i
+            for i, token in enumerate(lowered)
+            if token in _ARTICLES and not (i + 2 < len(lowered) and lowered[i + 2] == "of")
+        ),
+        None,
+    )
+    if at is None:
+        return f"{phrase} {prompt}"
+    if lowered[at] in ("a", "an"):
+        article = "an" if phrase[:1].lower() in "aeiou" else "a"
+        tokens[at] = article.capitalize() if tokens[at][:1].isupper() else article
+    tokens.insert(at + 1, phrase)
+    return " ".join(tokens)
+
+
 def attribute_slot(attribute: str) -> str:
     """What an attribute is a choice of: attributes of one slot are alternatives (a subject has one colour).
 
@@ -576,6 +615,18 @@ class PreferenceKind:
             self.train_timesteps = int(getattr(base_model.pipeline.scheduler.config, "num_train_timesteps", 1000))
         self.liked, self.disliked = clean_attributes(config.get("liked", []), config.get("disliked", []))
         self.attribute_scale = float(config.get("attribute_scale", DEFAULT_ATTRIBUTE_SCALE))
+        self.prompt_words, _ = clean_attributes(config.get("prompt_words", []), [])
+
+    def rewrite_prompt(self, prompt: str, ref: Any) -> str:
+        """A user's ``prompt_words`` written into ``prompt`` where its own words leave their slot open
+        (`attributes_for_prompt`, `insert_words`); none at strength 0 or ``attribute_scale=0``."""
+        options = dict(ref.options)
+        strength = float(ref.weight) * float(options.get("strength", 1.0))
+        if self.mode != "user" or not self.prompt_words or strength == 0.0:
+            return prompt
+        if float(options.get("attribute_scale", 1.0)) == 0.0:
+            return prompt
+        return insert_words(prompt, attributes_for_prompt(self.prompt_words, prompt))
 
     def prepare(self, request: ConditioningRequest) -> ConditioningState:
         """This request's state: the user's token branch, or attribute guidance."""
