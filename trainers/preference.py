@@ -823,16 +823,16 @@ def read_guided(
     l2: float,
     poles: Sequence[tuple[str, str]],
     margin: float,
-) -> tuple[list[str], list[str]]:
-    """Which pole of each guided scale the picks favour: ``(liked, disliked)`` words.
+) -> list[str]:
+    """Which pole of each guided scale the picks favour: its word, one per scale the picks decide.
 
     The picks are fitted over the candidates and both poles of every scale (`fit_attribute_utilities`): the
     candidates under ``prior`` (or the ridge ``l2``), the poles under an independent `GUIDED_PRIOR_VARIANCE`. A
-    scale's lead is half its word's utility minus its opposite's; beyond ``margin`` the favoured pole is liked and
-    the other disliked, else the scale stays out. Fitting the poles with the candidates keeps a pick that a colour
+    scale's lead is half its word's utility minus its opposite's; beyond ``margin`` the favoured pole's word is
+    returned, else the scale stays out. Fitting the poles with the candidates keeps a pick that a colour
     explains from being read as a size."""
     if not poles:
-        return [], []
+        return []
     words = [word for pole in poles for word in pole]
     differences = _presence_differences(pairs, reader, [*candidates, *words])
     count = len(candidates)
@@ -844,14 +844,12 @@ def read_guided(
     else:
         precision[:count, :count] = torch.eye(count) * max(l2, 1e-6)
     utilities = fit_attribute_utilities(differences, l2, UtilityPrior(mean, precision))
-    liked: list[str] = []
-    disliked: list[str] = []
+    favoured: list[str] = []
     for index, (word, opposite) in enumerate(poles):
         lead = float(utilities[count + 2 * index] - utilities[count + 2 * index + 1]) / 2
         if abs(lead) > margin:
-            liked.append(word if lead > 0 else opposite)
-            disliked.append(opposite if lead > 0 else word)
-    return liked, disliked
+            favoured.append(word if lead > 0 else opposite)
+    return favoured
 
 
 def guided_config(liked: Sequence[str], scale: float) -> dict[str, Any]:
@@ -1054,7 +1052,7 @@ def _user_guided(pairs: Sequence[PreferencePair], reader: AttributeReader, cfg: 
         return {}
     candidates = _candidates(cfg)
     prior = population_prior(cfg.init_prior, candidates, reader) if cfg.init_prior else None
-    liked, _ = read_guided(pairs, reader, candidates, prior, cfg.init_l2, poles, cfg.init_margin)
+    liked = read_guided(pairs, reader, candidates, prior, cfg.init_l2, poles, cfg.init_margin)
     logger.info("preference guided attributes: %s", ", ".join(liked) or "none")
     return guided_config(liked, scale)
 
@@ -1492,7 +1490,7 @@ def _embed_by_attributes(
     tokens_per_attribute = int(config["tokens"])
     guided_table = config.get(GUIDED_KEY) or {}
     poles = guided_poles(guided_table.get("attributes", ()))
-    liked, _ = read_guided(pairs, reader, candidates, UtilityPrior.from_population(utilities), 0.0, poles, margin)
+    liked = read_guided(pairs, reader, candidates, UtilityPrior.from_population(utilities), 0.0, poles, margin)
     scale = float(guided_table.get("attribute_scale", DEFAULT_ATTRIBUTE_SCALE))
     guided = guided_config(liked, scale)
     if not chosen:
