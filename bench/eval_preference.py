@@ -199,6 +199,12 @@ Results, by set, against the ViPer term on the same picks:
 - Pooled over the 40 users: 0.703 [0.683, 0.723], +0.018 per user (se 0.013; better for 13, worse for 12).
   Against the unguided start: +0.019 (se 0.014).
 - Compliance gains less: +3 to +15 points by set, against +9 to +16 with the ViPer term.
+- Three more sets of population mode: 0.663 (8401-8408), 0.724 (8601-8608) and 0.703 (8709-8716). The set
+  9101-9108 was never run in population mode before: 0.652.
+- Over all 72 users: **0.696 [0.680, 0.711]**, compliance +8.6 points. On the 64 with the same picks as the
+  unguided start: +0.025 per user (se 0.011; better for 30, worse for 16). Without the 16 users that decided the
+  change, 56 users: 0.683 [0.665, 0.700].
+- Population mode therefore stays under 0.70.
 - User mode (16 picks): 0.762 (8701-8708) and 0.785 (8801-8816), against 0.733 and 0.780 on the same picks. That
   is +0.013 per user over those 24 (se 0.014; better for 11, worse for 10), and +0.038 (se 0.014) against the
   unguided start.
