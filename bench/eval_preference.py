@@ -210,6 +210,9 @@ Results, by set, against the ViPer term on the same picks:
   unguided start.
 - User mode, 8709-8716 run as a set of their own (so new picks, unpaired): 0.837.
 - Pooled over the 32 users: 0.792 [0.771, 0.812], compliance +5.7 points.
+- Two more sets: 0.750 (7301-7308) and 0.854 (8401-8408), against 0.762 and 0.837 with the ViPer term.
+- Over 48 users: 0.796 [0.779, 0.812], compliance +5.0 points. Paired over 40: +0.009 per user (se 0.010)
+  against the ViPer term, +0.037 (se 0.011) against the unguided start.
 
 Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
 and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
