@@ -576,6 +576,11 @@ def _encode_text(pipeline: Any, text: str, device: torch.device) -> torch.Tensor
 # -- the kind -----------------------------------------------------------------------------------------------------
 
 
+def branch_scale(ref: Any) -> float:
+    """A request's scale of a user's branch: ``weight * strength`` (0: the base model)."""
+    return float(ref.weight) * float(dict(ref.options).get("strength", 1.0))
+
+
 class PreferenceKind:
     """A preference adapter in the shared pipeline, built once per cached adapter (see the module docstring)."""
 
@@ -620,11 +625,9 @@ class PreferenceKind:
     def rewrite_prompt(self, prompt: str, ref: Any) -> str:
         """A user's ``prompt_words`` written into ``prompt`` where its own words leave their slot open
         (`attributes_for_prompt`, `insert_words`); none at strength 0 or ``attribute_scale=0``."""
-        options = dict(ref.options)
-        strength = float(ref.weight) * float(options.get("strength", 1.0))
-        if self.mode != "user" or not self.prompt_words or strength == 0.0:
+        if self.mode != "user" or not self.prompt_words or branch_scale(ref) == 0.0:
             return prompt
-        if float(options.get("attribute_scale", 1.0)) == 0.0:
+        if float(ref.options.get("attribute_scale", 1.0)) == 0.0:
             return prompt
         return insert_words(prompt, attributes_for_prompt(self.prompt_words, prompt))
 
@@ -650,7 +653,7 @@ class PreferenceKind:
             )
         assert self.branches is not None and self.tokens is not None  # set for mode "user" in __init__
         self.branches.to(device=request.device, dtype=request.dtype)
-        scale = float(request.ref.weight) * float(options.get("strength", 1.0))
+        scale = branch_scale(request.ref)
         tokens = self.tokens
         if self.groups:
             mask = attribute_token_mask(self.groups, request.prompt, self.tokens_per_attribute, self.group_nouns)
