@@ -285,10 +285,11 @@ from PIL import Image  # noqa: E402
 from pipelines.kinds.preference import attribute_preference  # noqa: E402
 from pipelines.requests import AdapterRef, GenerationRequest  # noqa: E402
 from pipelines.service import PipelineService  # noqa: E402
-from studio.adapter_files import save_adapter  # noqa: E402
+from studio.adapter_files import load_adapter, save_adapter  # noqa: E402
 from studio.base_models import BaseModel, load_base_model  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
 from studio.preferences import PreferencePair  # noqa: E402
+from studio.quiz import draw_pool  # noqa: E402
 from studio.world.evaluate import held_out_scenes, wilson_interval  # noqa: E402
 from studio.world.judge import Judge, JudgeNet, Reading  # noqa: E402
 from studio.world.scene import (  # noqa: E402
@@ -305,10 +306,12 @@ from studio.world.scene import (  # noqa: E402
 from studio.world.users import SimulatedUser, features_of, random_user  # noqa: E402
 from trainers.core.config import load_config  # noqa: E402
 from trainers.preference import (  # noqa: E402
+    SHIPPED_STARTS,
     AttributeExample,
     JudgeAttributes,
     JudgeFeatures,
     PreferenceConfig,
+    TasteQuiz,
     attribute_population_file,
     embed_user,
     train_attribute_branch,
@@ -648,6 +651,31 @@ def user_pairs(setup: Setup, user: SimulatedUser, count: int, seed: int) -> list
     return pairs[:count]
 
 
+def quiz_pairs(setup: Setup, user: SimulatedUser, quiz: TasteQuiz, count: int) -> list[Any]:
+    """``count`` picks of ``user`` on the pairs the quiz asks for, one after another (a tie is skipped, as in
+    `label`, and the quiz asks another)."""
+    rng = random.Random(f"picks:{user.name}")
+    answers: dict[int, int | None] = {}
+    pairs: list[Any] = []
+    while len(pairs) < count:
+        index = quiz.next_pair(answers)
+        if index is None:
+            break
+        prompt, first, second = quiz.pool[index]
+        a, b = (user.score_reading(r) for r in setup.read([first, second]))
+        if a == b and not setup.args.smoke:
+            answers[index] = None
+            continue
+        choice = user.pick(a, b, rng)
+        answers[index] = choice
+        preferred, other = (first, second) if choice == 0 else (second, first)
+        pairs.append(PreferencePair(user.name, prompt, preferred, other, source=f"quiz:{user.name}"))
+    logger.info(
+        "%s: quiz asked %d pairs, %d skipped, %d picks", user.name, len(answers), len(answers) - len(pairs), len(pairs)
+    )
+    return pairs
+
+
 def compare(
     setup: Setup,
     user: SimulatedUser,
@@ -738,6 +766,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "studio/assets/tiny_preference.safetensors, is the default build's population) instead of building one; "
         "its users then choose by this run's init_top (no --init, --branch or init_reader: the file carries them)",
     )
+    parser.add_argument(
+        "--quiz",
+        type=int,
+        default=0,
+        help="user and population modes: each user answers the pairs the taste quiz (trainers.preference.TasteQuiz, "
+        "over the population file or the shipped start) chooses from one shared pool of this many prompts, not the "
+        "first pairs of their own pool (0: off)",
+    )
+    parser.add_argument("--quiz-cache", type=Path, help="a folder that keeps the quiz pool's images between runs")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="random tiny pipeline and judge, tiny counts")
     args = parser.parse_args(argv)
@@ -805,6 +842,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         count = 3
     results = []
     prior = [random_user(seed) for seed in PRIOR_USERS] if args.mode == "posterior" else []
+    quiz = None
+    if args.quiz and args.mode in ("user", "population"):
+        committee = given_population or load_adapter(SHIPPED_STARTS[args.base])
+        quiz = TasteQuiz(committee, draw_pool(setup.generate, args.quiz, args.quiz_cache), JudgeAttributes(setup.judge))
     for index, user in enumerate(users):
         name = f"user-{index}"
         if args.mode == "oracle":
@@ -820,7 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             liked, disliked = attributes_of(user)
             adapter = attribute_preference(liked, disliked, family=family, user_id=user.name)
         else:
-            pairs = user_pairs(setup, user, count, seed=100 + index)
+            if quiz is not None:
+                pairs = quiz_pairs(setup, user, quiz, count)
+            else:
+                pairs = user_pairs(setup, user, count, seed=100 + index)
             if population is not None:
                 adapter = embed_user(population, pairs, image_features=setup.features, attribute_reader=reader)
             else:

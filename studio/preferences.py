@@ -161,7 +161,7 @@ class PreferenceStore:
                 name = f"{IMAGES}/{pair_id}-{slot}.png"
                 buffer = io.BytesIO()
                 image.convert("RGB").save(buffer, format="PNG")
-                _atomic_write(folder / name, buffer.getvalue())
+                atomic_write(folder / name, buffer.getvalue())
                 names.append(name)
             # 2. Then the index, rewritten whole through a temporary file.
             row = {
@@ -173,7 +173,7 @@ class PreferenceStore:
                 "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             }
             rows = [*self._rows(folder), row]
-            _atomic_write(folder / INDEX, "".join(json.dumps(r) + "\n" for r in rows).encode())
+            atomic_write(folder / INDEX, "".join(json.dumps(r) + "\n" for r in rows).encode())
         return pair_id
 
     def add_choice(
@@ -228,7 +228,9 @@ class PreferenceStore:
         return rows
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder: a reader sees the old file or the new
+    one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

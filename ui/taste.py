@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,57 @@ def show_pair(context: PageContext, user: str, prompt: str, steps: float) -> tup
     return left, right, {"prompt": prompt, "images": [left, right]}, "which one do you like better?"
 
 
+# The quiz of each (home, base model, pool size): its pool is drawn and read by the judge once per process.
+_QUIZZES: dict[tuple[str, str, int], Any] = {}
+
+
+def quiz_pair(context: PageContext, user: str, count: int | None = None) -> tuple[Any, Any, dict[str, Any] | None, str]:
+    """The next pair the taste quiz asks ``user`` about: of the base model's fixed pool of pairs (`studio.quiz`), the
+    one that tells most about their taste given their answers so far (`trainers.preference.TasteQuiz`). The first
+    call in a studio home draws the pool (``count`` prompts, two images each: a few minutes on a CPU)."""
+    from pipelines import GenerationRequest
+    from studio.adapter_files import load_adapter
+    from studio.preferences import sanitize_user
+    from studio.quiz import QUIZ_PROMPTS, QUIZ_STEPS, QuizAnswers, draw_pool, pool_folder
+    from trainers.preference import SHIPPED_STARTS, TasteQuiz, shipped_start
+
+    user = sanitize_user(user)
+    count = count or QUIZ_PROMPTS
+    service = context.service()
+    start = shipped_start(service.base_model)
+    if not start:
+        raise NotAvailableError(
+            f"the taste quiz is not available yet for base model '{context.base_model}': it needs an attributes "
+            "population shipped for that model (tiny has one); 'Show two' compares your own prompts"
+        )
+    key = (str(context.home.root), service.fingerprint, count)
+    if key not in _QUIZZES:
+
+        def generate(prompt: str, seeds: Sequence[int]) -> list[Any]:
+            return service.generate(GenerationRequest(prompt=prompt, seeds=list(seeds), steps=QUIZ_STEPS)).images
+
+        pool = draw_pool(generate, count, pool_folder(context.home, service.fingerprint))
+        _QUIZZES[key] = TasteQuiz(load_adapter(SHIPPED_STARTS[start]), pool)
+    quiz = _QUIZZES[key]
+    index = quiz.next_pair(QuizAnswers(context.home, user).load())
+    if index is None:
+        return None, None, None, f"'{user}' has answered every pair of the quiz"
+    prompt, left, right = quiz.pool[index]
+    pending = {"prompt": prompt, "images": [left, right], "quiz": index}
+    return left, right, pending, f"quiz: which one do you like better? ({prompt})"
+
+
 def pick(context: PageContext, user: str, pending: dict[str, Any] | None, choice: int | None) -> tuple[Any, ...]:
-    """Record the pick (0 left, 1 right, None skip) as a preference pair; clears the pair."""
+    """Record the pick (0 left, 1 right, None skip) as a preference pair; clears the pair. A quiz pair's answer is
+    also kept, so the quiz asks another next time."""
+    from studio.quiz import QuizAnswers
+
     if not pending or len(pending.get("images", [])) != 2:
-        raise InvalidInputError("expected two images to choose from, found none: press 'Show two' first")
+        raise InvalidInputError("expected two images to choose from, found none: press 'Show two' or 'Quiz me' first")
     store = _store(context)
     store.add_choice(user, pending["prompt"], tuple(pending["images"]), choice)
+    if pending.get("quiz") is not None:
+        QuizAnswers(context.home, user).record(int(pending["quiz"]), choice)
     count = store.count(user)
     message = "skipped" if choice is None else f"recorded; {count} pair(s) for '{user}'"
     return None, None, None, message
@@ -116,6 +162,8 @@ def build_page(context: PageContext) -> gr.Blocks:
             prompt = gr.Textbox(label="Prompt", placeholder="a red circle on a blue background", scale=3)
             steps = gr.Slider(1, 50, value=20, step=1, label="Steps", scale=1)
             show = gr.Button("Show two", variant="primary", scale=1)
+            # Pairs chosen from a fixed pool to learn the most from each pick (4 quiz picks say more than 4 random).
+            quiz = gr.Button("Quiz me", scale=1)
         with gr.Row():
             left = gr.Image(label="Left", type="pil", interactive=False, height=320)
             right = gr.Image(label="Right", type="pil", interactive=False, height=320)
@@ -139,6 +187,13 @@ def build_page(context: PageContext) -> gr.Blocks:
         show.click(
             user_errors(lambda u, p, s: show_pair(context, u, p, s)),
             inputs=[user, prompt, steps],
+            outputs=[left, right, pending, status],
+            concurrency_id=DEVICE,
+            concurrency_limit=1,
+        )
+        quiz.click(
+            user_errors(lambda u: quiz_pair(context, u)),
+            inputs=[user],
             outputs=[left, right, pending, status],
             concurrency_id=DEVICE,
             concurrency_limit=1,
