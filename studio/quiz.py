@@ -2,9 +2,9 @@
 from which `trainers.preference.TasteQuiz` chooses what to ask a new user next.
 
 Random pairs often differ in nothing a person cares about, or in what everyone agrees on; a quiz over a larger pool
-asks the pairs that tell most about this user, so 4 picks say more. The pool's prompts come from the shapes world of
-the embedded `tiny` model (the only base model that ships the attributes population and the reader a quiz needs);
-other base models get "not available yet".
+asks the pairs that tell most about this user, so 4 picks say more (`bench/eval_preference.py --quiz`). The pool's
+prompts come from the shapes world of the embedded `tiny` model (the only base model that ships the attributes
+population and the reader a quiz needs); other base models get "not available yet".
 
 >>> prompts = quiz_prompts(2)
 >>> [seeds for _, seeds in prompts]
@@ -30,8 +30,8 @@ QUIZ_SEED = 2
 """The pool's prompt stream and seeds (`bench/eval_preference.py` builds population users on stream 1 and gives each
 evaluated user stream 100 + i)."""
 QUIZ_PROMPTS = 256
-"""Prompts in the pool, two seeds each. More pairs let the quiz find sharper questions: on the proxy
-(`bench/eval_preference.py --quiz`), 4 quiz picks from 256 pairs beat 4 random picks by 0.026 and from 512 by 0.05."""
+"""Prompts in the pool, two seeds each: the quiz needs room to find pairs that differ in one thing the committee
+disagrees on (167 of this pool's 256 pairs on `tiny` differ in the colour or the background, not both)."""
 QUIZ_STEPS = 20
 """Sampling steps of the pool's images (what `bench/eval_preference.py` generates with)."""
 OPEN_STYLES = ("bare", "no_colour", "no_background")

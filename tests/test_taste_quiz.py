@@ -20,17 +20,27 @@ NAMED = ("red", "blue", "green", "yellow", "black", "white", "purple", "orange",
 
 
 class ColourReader:
-    """Reads a solid image's colour by name, as the judge reads an object's colour."""
+    """Reads an image's object colour (its centre) and background (its corner) by name, as the judge reads them."""
 
     name = "judge"
 
     def presence(self, images: Sequence[Image.Image], attributes: Sequence[str]) -> torch.Tensor:
-        colours = [next(c for c in NAMED if ImageColor.getrgb(c) == image.getpixel((0, 0))) for image in images]
-        return torch.tensor([[float(colour == attribute) for attribute in attributes] for colour in colours])
+        rows = []
+        for image in images:
+            colour, background = (_name(image.getpixel(xy)) for xy in ((4, 4), (0, 0)))
+            rows.append([float(a == colour or a == f"{background} background") for a in attributes])
+        return torch.tensor(rows)
 
 
-def solid(colour: str) -> Image.Image:
-    return Image.new("RGB", (8, 8), colour)
+def _name(rgb: tuple[int, ...]) -> str:
+    return next(c for c in NAMED if ImageColor.getrgb(c) == rgb)
+
+
+def solid(colour: str, background: str | None = None) -> Image.Image:
+    """An object of ``colour`` (the centre) on ``background`` (the rest; the object's colour when not given)."""
+    image = Image.new("RGB", (8, 8), background or colour)
+    image.paste(colour, (2, 2, 6, 6))
+    return image
 
 
 def test_the_quiz_asks_what_the_population_still_disagrees_on():
@@ -49,10 +59,10 @@ def test_the_quiz_asks_what_the_population_still_disagrees_on():
 
 def test_the_quiz_on_the_shipped_start_shows_pairs_that_tell_something_and_never_the_same_twice():
     pool = [
-        ("a circle", solid("red"), solid("red")),  # the same colour: a pick says nothing
-        ("a square", solid("red"), solid("blue")),
-        ("a star", solid("gray"), solid("gray")),
-        ("a triangle", solid("green"), solid("orange")),
+        ("a circle", solid("red", "white"), solid("red", "white")),  # the same image: a pick says nothing
+        ("a square", solid("red", "white"), solid("blue", "white")),
+        ("a star", solid("gray", "white"), solid("gray", "white")),
+        ("a triangle", solid("green", "white"), solid("orange", "white")),
     ]
     quiz = TasteQuiz(load_adapter(SHIPPED_STARTS["tiny"]), pool, ColourReader())
     answers: dict[int, int | None] = {}
@@ -62,6 +72,20 @@ def test_the_quiz_on_the_shipped_start_shows_pairs_that_tell_something_and_never
         answers[index] = 0 if len(asked) % 2 else None  # a pick, then a skip
     assert sorted(asked) == [0, 1, 2, 3]
     assert set(asked[:2]) == {1, 3}
+
+
+def test_the_quiz_asks_about_one_thing_at_a_time_before_pairs_that_change_two():
+    pool = [
+        ("a circle", solid("red", "white"), solid("blue", "black")),  # colour and background both differ
+        ("a square", solid("red", "white"), solid("blue", "white")),  # only the colour
+        ("a star", solid("green", "white"), solid("green", "black")),  # only the background
+    ]
+    quiz = TasteQuiz(load_adapter(SHIPPED_STARTS["tiny"]), pool, ColourReader())
+    assert quiz.one_slot.tolist() == [False, True, True]
+    first = quiz.next_pair({})
+    second = quiz.next_pair({first: 0})
+    assert {first, second} == {1, 2}
+    assert quiz.next_pair({first: 0, second: 1}) == 0
 
 
 def test_the_quiz_needs_an_attributes_population():

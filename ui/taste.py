@@ -1,5 +1,7 @@
 """Taste: teach the studio what you like. A/B picks become preference pairs (`studio.preferences`), which train your
 preference adapter in the job queue; liked and disliked attributes become an attribute-guidance adapter at once.
+"Show two" compares two generations of your own prompt; "Quiz me" shows the pair of a fixed pool that tells the most
+about your taste given your answers so far (`studio.quiz`, `trainers.preference.TasteQuiz`; on `tiny`).
 
 >>> build_page(PageContext.create(StudioHome(Path("studio-home")))).launch()  # doctest: +SKIP
 """
