@@ -57,6 +57,18 @@ def test_the_quiz_asks_what_the_population_still_disagrees_on():
     assert informative_pair(differences, committee, [(0, 1.0), (1, -1.0)], {0, 1, 2}) is None
 
 
+def test_a_skip_tells_the_quiz_to_ask_about_something_else():
+    # Two people care about the colour only, two about the background only. Pairs 0 and 1 differ in the colour,
+    # pair 2 in the background.
+    committee = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0], [0.0, -3.0]])
+    differences = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert informative_pair(differences, committee, [], set()) == 0
+    # Skipping the colour pair says this person does not mind the colour: ask about the background next.
+    assert informative_pair(differences, committee, [(0, 0.0)], {0}) == 2
+    # Picking in it says they do: the other colour pair tells nothing more, the background pair still does.
+    assert informative_pair(differences, committee, [(0, 1.0)], {0}) == 2
+
+
 def test_the_quiz_on_the_shipped_start_shows_pairs_that_tell_something_and_never_the_same_twice():
     pool = [
         ("a circle", solid("red", "white"), solid("red", "white")),  # the same image: a pick says nothing

@@ -1520,19 +1520,25 @@ def informative_pair(
     """The pool pair whose pick would tell the most about a new user, or ``None`` when every pair was asked.
 
     Query by committee over a population (BALD, Houlsby et al.): each population user (a row of ``utilities``,
-    ``[N, C]``) is weighed by the Bradley-Terry likelihood of the ``answers`` so far (pair index, +1 when the first
-    image was preferred, -1 when the second was), as `embed_user` weighs them, and predicts the first image of pair
-    ``i`` with ``sigmoid(differences[i] @ u)`` (``differences``: ``[P, C]``, the first image's attribute presence
-    minus the second's). The chosen pair maximises the mutual information between the pick and which user this is,
-    ``H(E[p]) - E[H(p)]``: the committee disagrees on it, and each member is sure of its own answer. Pairs in
-    ``asked`` (answered or skipped) are never chosen again.
+    ``[N, C]``) is weighed by the likelihood of the ``answers`` so far (pair index and outcome: +1 when the first
+    image was preferred, -1 when the second was, 0 for a skip), and predicts the first image of pair ``i`` with
+    ``sigmoid(differences[i] @ u)`` (``differences``: ``[P, C]``, the first image's attribute presence minus the
+    second's). A pick weighs by Bradley-Terry, as `embed_user` does; a skip by Davidson's tie probability (``1 /
+    (2 cosh(m / 2) + 1)`` for the user's margin ``m``), so that someone who skips a pair of two colours is next asked
+    about something else, not about more colours. The chosen pair maximises the mutual information between the pick
+    and which user this is, ``H(E[p]) - E[H(p)]``: the committee disagrees on it, and each member is sure of its own
+    answer. Pairs in ``asked`` (answered or skipped) are never chosen again.
 
     >>> informative_pair(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[3.0, 0.0], [-3.0, 0.0]]), [], set())
     1
     """
     log_likelihood = torch.zeros(utilities.shape[0], dtype=torch.float64)
-    for index, sign in answers:
-        log_likelihood += F.logsigmoid(sign * differences[index].double() @ utilities.double().T)
+    for index, outcome in answers:
+        margin = differences[index].double() @ utilities.double().T
+        if outcome == 0:
+            log_likelihood -= torch.log(2 * torch.cosh(margin / 2) + 1)
+        else:
+            log_likelihood += F.logsigmoid(outcome * margin)
     weights = torch.softmax(log_likelihood, dim=0)
     p = torch.sigmoid(differences.double() @ utilities.double().T).clamp(1e-9, 1 - 1e-9)
 
@@ -1593,7 +1599,7 @@ class TasteQuiz:
     def next_pair(self, answers: dict[int, int | None]) -> int | None:
         """The pool index to show next, given ``answers`` so far (pool index -> 0 when the first image was picked, 1
         for the second, ``None`` for a skip); ``None`` when the pool is used up."""
-        picked = [(index, 1.0 if choice == 0 else -1.0) for index, choice in answers.items() if choice is not None]
+        picked = [(index, 0.0 if choice is None else 1.0 if choice == 0 else -1.0) for index, choice in answers.items()]
         mixed = {int(i) for i in torch.nonzero(~self.one_slot).flatten()}
         index = informative_pair(self.differences, self.utilities, picked, set(answers) | mixed)
         return index if index is not None else informative_pair(self.differences, self.utilities, picked, set(answers))
