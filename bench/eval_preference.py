@@ -214,12 +214,42 @@ Results, by set, against the ViPer term on the same picks:
 - Over 48 users: 0.796 [0.779, 0.812], compliance +5.0 points. Paired over 40: +0.009 per user (se 0.010)
   against the ViPer term, +0.037 (se 0.011) against the unguided start.
 
+Session 18 re-ran the remaining sets with the prompt word and added a taste quiz.
+
+- User mode (16 picks), the five sets not yet re-run: 0.767 (8501-8508), 0.857 (8601-8608), 0.768 (8901-8908),
+  0.736 (8909-8916), 0.689 (9101-9108). Over all 88 held-out users: **0.781 [0.768, 0.793]**, compliance +6.3
+  points. On the 80 with the same picks as the ViPer term's run: +0.011 per user (se 0.007; better for 36, worse
+  for 28).
+- The taste quiz (``--quiz 256``; `trainers.preference.TasteQuiz`, `studio.quiz`): every user answers from one
+  shared pool of 256 base pairs (prompt stream 2), and the quiz shows, pick by pick, the pair the population's users
+  disagree on most given the answers so far. Three rules, each measured first on the no-U-Net proxy (dev users
+  400-599, this pool's readings, 4 picks, the size read as in the shipped start):
+  - Unrestricted, the quiz scored 0.720 against 0.724 for 4 random picks: its most informative pairs change the
+    colour, the background and the size at once, so a pick cannot say what it was for. Through the U-Net it lost
+    too (0.697, 0.634, 0.617, 0.793, 0.740 on 7301-7308, 8401-8408, 8709-8716, 8801-8808, 8809-8816, against
+    0.749, 0.663, 0.703, 0.747, 0.734 for random picks).
+  - Pairs that differ in one slot at most are asked first: 0.757 (users 200-399: 0.747 against 0.704; 600-799:
+    0.752 against 0.718).
+  - A skip counts as evidence (Davidson's tie), so someone who skips two colours is next asked about something else:
+    skips fell from 6.9 to 1.1 per user for the same 0.758.
+- Population mode with the quiz (``--mode population --population studio/assets/tiny_preference.safetensors
+  --quiz 256``), by set of eight: 0.728 (7301), 0.681 (8401), 0.784 (8501), 0.737 (8601), 0.698 (8701), 0.728
+  (8709), 0.740 (8801), 0.647 (8809), 0.741 (8901), 0.716 (8909), 0.695 (9101) with the one-slot rule; the 31
+  users who skipped were re-run with the skip rule (users who never skip get the same questions either way), +0.004
+  per user (se 0.012). Over the 88 held-out users: **0.717 [0.703, 0.730]**, compliance +6.8 points; against random
+  picks on the same users +0.028 per user (se 0.021; better for 50, worse for 32). Users 9201-9216 and 9301-9316,
+  never used before: 0.690 [0.657, 0.722] (random picks: 0.616) and 0.755 [0.723, 0.784]. Over all 120 users:
+  **0.718 [0.706, 0.730]**, compliance +7.0 points.
+- User mode with 16 quiz picks (``--set init_from=tiny --set steps=0 --quiz 256``), 7301-7308 and 8801-8808:
+  0.770 [0.738, 0.798] against 0.757 for random picks on the same users (+0.012, se 0.028).
+
 Showing the user chosen pairs instead of random ones was tried and dropped: the base drew six images of each prompt
 and the picker showed the two whose pick was expected to tell most about which population user they are (entropy of
 the weighed pick minus the weighed entropy of each user's). Far fewer pairs tied (0 to 2 skips in 16 picks, against
 up to 13), and a row-level proxy gained 0.01 to 0.05, but through the U-Net with the first start the first nine users
 of 8701-8716 won 0.613 against 0.713 for random pairs, three of them by 0.3 to 0.4 less (a likely reason: where
-people disagree most is where a noisy user is least sure too, and the fit read strong utilities, often wrong).
+people disagree most is where a noisy user is least sure too, and the fit read strong utilities, often wrong). The
+quiz above differs: one pool across many prompts, pairs that change one thing, and the population's own weighing.
 
 Population mode (4 picks) with that first population (``--mode population --train-users 400 --train-prompts 48
 --init --branch FILE --set init_reader=judge --set population_encoder=attributes --set population_l2=0.3``) won

@@ -90,24 +90,26 @@ def quiz_pair(context: PageContext, user: str, count: int | None = None) -> tupl
     if index is None:
         return None, None, None, f"'{user}' has answered every pair of the quiz"
     prompt, left, right = quiz.pool[index]
-    pending = {"prompt": prompt, "images": [left, right], "quiz": index}
+    pending = {"prompt": prompt, "images": [left, right], "quiz": index, "pool": count}
     return left, right, pending, f"quiz: which one do you like better? ({prompt})"
 
 
 def pick(context: PageContext, user: str, pending: dict[str, Any] | None, choice: int | None) -> tuple[Any, ...]:
-    """Record the pick (0 left, 1 right, None skip) as a preference pair; clears the pair. A quiz pair's answer is
-    also kept, so the quiz asks another next time."""
+    """Record the pick (0 left, 1 right, None skip) as a preference pair and clear the pair; after a quiz pair, its
+    answer is kept and the quiz's next pair is shown at once."""
     from studio.quiz import QuizAnswers
 
     if not pending or len(pending.get("images", [])) != 2:
         raise InvalidInputError("expected two images to choose from, found none: press 'Show two' or 'Quiz me' first")
     store = _store(context)
     store.add_choice(user, pending["prompt"], tuple(pending["images"]), choice)
-    if pending.get("quiz") is not None:
-        QuizAnswers(context.home, user).record(int(pending["quiz"]), choice)
     count = store.count(user)
     message = "skipped" if choice is None else f"recorded; {count} pair(s) for '{user}'"
-    return None, None, None, message
+    if pending.get("quiz") is None:
+        return None, None, None, message
+    QuizAnswers(context.home, user).record(int(pending["quiz"]), choice)
+    left, right, following, question = quiz_pair(context, user, pending.get("pool"))
+    return left, right, following, f"{message}; {question}"
 
 
 def train_taste(context: PageContext, user: str, steps: float | None) -> str:
