@@ -72,6 +72,7 @@ def draw_pool(
         pool.append((prompt, first, second))
     if folder is not None and index is not None:
         folder.mkdir(parents=True, exist_ok=True)
+        index.unlink(missing_ok=True)  # another pool's index must not name images half replaced by this one
         for i, (_, first, second) in enumerate(pool):
             first.save(folder / f"{i}-a.png")
             second.save(folder / f"{i}-b.png")
