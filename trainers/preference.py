@@ -1596,13 +1596,13 @@ class TasteQuiz:
         columns = [torch.tensor([attribute_slot(c) == slot for c in candidates]) for slot in slots]
         changed = torch.stack([(self.differences[:, column] != 0).any(dim=1) for column in columns], dim=1)
         self.one_slot = changed.sum(dim=1) <= 1  # asked first
+        self._mixed = {int(i) for i in torch.nonzero(~self.one_slot).flatten()}
 
     def next_pair(self, answers: dict[int, int | None]) -> int | None:
         """The pool index to show next, given ``answers`` so far (pool index -> 0 when the first image was picked, 1
         for the second, ``None`` for a skip); ``None`` when the pool is used up."""
         picked = [(index, 0.0 if choice is None else 1.0 if choice == 0 else -1.0) for index, choice in answers.items()]
-        mixed = {int(i) for i in torch.nonzero(~self.one_slot).flatten()}
-        index = informative_pair(self.differences, self.utilities, picked, set(answers) | mixed)
+        index = informative_pair(self.differences, self.utilities, picked, set(answers) | self._mixed)
         return index if index is not None else informative_pair(self.differences, self.utilities, picked, set(answers))
 
 
