@@ -222,16 +222,17 @@ Session 18 re-ran the remaining sets with the prompt word and added a taste quiz
   for 28).
 - The taste quiz (``--quiz 256``; `trainers.preference.TasteQuiz`, `studio.quiz`): every user answers from one
   shared pool of 256 base pairs (prompt stream 2), and the quiz shows, pick by pick, the pair the population's users
-  disagree on most given the answers so far. Three rules, each measured first on the no-U-Net proxy (dev users
-  400-599, this pool's readings, 4 picks, the size read as in the shipped start):
-  - Unrestricted, the quiz scored 0.720 against 0.724 for 4 random picks: its most informative pairs change the
-    colour, the background and the size at once, so a pick cannot say what it was for. Through the U-Net it lost
-    too (0.697, 0.634, 0.617, 0.793, 0.740 on 7301-7308, 8401-8408, 8709-8716, 8801-8808, 8809-8816, against
-    0.749, 0.663, 0.703, 0.747, 0.734 for random picks).
-  - Pairs that differ in one slot at most are asked first: 0.757 (users 200-399: 0.747 against 0.704; 600-799:
-    0.752 against 0.718).
+  disagree on most given the answers so far. The no-U-Net proxy below scores 4 picks with the size read as in the
+  shipped start.
+  - The first version asked any pair. Chosen on the proxy over the eval's own pick pools (dev users 200-399: 0.739
+    against 0.704 for random picks), it lost through the U-Net: 0.697, 0.634, 0.617, 0.793, 0.740 on 7301-7308,
+    8401-8408, 8709-8716, 8801-8808, 8809-8816, against 0.749, 0.663, 0.703, 0.747, 0.734 for random picks. On
+    this pool's own readings the proxy agrees (users 400-599: 0.720 against 0.724): its most informative pairs
+    change the colour, the background and the size at once, so a pick cannot say what it was for.
+  - Pairs that differ in one slot at most are now asked first: 0.757 on users 400-599 (200-399: 0.747 against
+    0.704; 600-799: 0.752 against 0.718).
   - A skip counts as evidence (Davidson's tie), so someone who skips two colours is next asked about something else:
-    skips fell from 6.9 to 1.1 per user for the same 0.758.
+    skips fell from 6.9 to 1.1 per user (users 400-599) for the same 0.758.
 - Population mode with the quiz (``--mode population --population studio/assets/tiny_preference.safetensors
   --quiz 256``), by set of eight: 0.728 (7301), 0.681 (8401), 0.784 (8501), 0.737 (8601), 0.698 (8701), 0.728
   (8709), 0.740 (8801), 0.647 (8809), 0.741 (8901), 0.716 (8909), 0.695 (9101) with the one-slot rule; the 31
