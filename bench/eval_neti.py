@@ -192,6 +192,13 @@ Session 17 tried three more changes on all 21 seeds, or on part of them. TI's pe
   0.424 and 0.545, mean 0.487, against the preset's 0.483 on the same seeds.
 - ``lr=2.5e-3``, seeds 0 and 1: 0.429 and 0.440, against the preset's 0.587 and 0.466.
 
+Session 18 ran crescent-moon on six more training seeds (3-8, ``--concept crescent-moon --seeds 3,5,7`` and
+``4,6,8``, ``--neti-steps 225 --truncations 32,16,8,2 --eval-seeds 8``, n=40 per cell). Full truncation minus TI:
++0.077, +0.006, +0.056, +0.116, +0.107, +0.044, mean +0.068 (se 0.017): NeTI >= TI on every seed. Means at 32, 16,
+8, 2 (TI): similarity 0.358, 0.365, 0.343, 0.299 (0.291); colour compliance 0.54, 0.50, 0.55, 0.69 (0.77);
+background 0.75, 0.91, 0.89, 0.81 (0.71). So on crescent-moon similarity falls and colour compliance rises over 16,
+8 and 2, and background does not rise.
+
 Smoother Fourier features (``sigma_t=0.01 sigma_l=0.5``, 16 seeds) were also tried. They share more of the mapper
 across timesteps and layers, but gave 0.455 against TI 0.513 (-0.059, se 0.027). They are not an option anyway: the
 issue asks for the reference scales.
